@@ -1,0 +1,86 @@
+"""Token-level batch types shared by sources, adapters, methods and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distillkit.components import InstructionExample
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Prompt and reference-response token ids of one example.
+
+    ``response_ids`` ends with EOS unless the response was cut at the length
+    limit.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    example: InstructionExample
+
+
+ExampleBatch = list[TokenizedExample]
+
+
+@dataclass
+class TrainBatch:
+    """A right-padded teacher-forcing batch ``[x ‖ y]``.
+
+    ``input_ids``, ``attention_mask``, ``response_mask``: (B, T).
+    ``response_mask`` is true at response tokens (through the first EOS),
+    false at prompt and padding positions.  ``labels``/``label_mask`` are the
+    shifted views that logits at positions ``0..T-2`` predict.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(B, T-1) next-token targets."""
+        return self.input_ids[:, 1:]
+
+    @property
+    def label_mask(self) -> torch.Tensor:
+        """(B, T-1) true where the target is a response token."""
+        return self.response_mask[:, 1:]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.label_mask.sum())
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TrainBatch:
+    """Right-pad ``prompt + response`` sequences into a :class:`TrainBatch`.
+
+    Masks are built from lengths, never from ``token == pad`` (pad may equal EOS).
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        sequence = prompt + response
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        response_mask[row, len(prompt) : len(sequence)] = True
+    return TrainBatch(input_ids, attention_mask, response_mask)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation; returns ``(input_ids, attention_mask)`` (B, P)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,175 @@
+"""The ``distillkit`` command line: methods, recipes, train, eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from distillkit.errors import DistillkitError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Plugin-based knowledge distillation for generative language models.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    logging.getLogger("distillkit").setLevel(logging.INFO)
+    # Tied input/output embeddings are saved once; accelerate warns about it on every checkpoint.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def _fail(error: DistillkitError) -> None:
+    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List registered methods with their plugin and description."""
+    from distillkit.registry import registry
+
+    try:
+        category = registry().methods
+    except DistillkitError as error:
+        _fail(error)
+    rows = [{"name": name, "plugin": category.entry(name).plugin, "description": category[name].description,
+             "source": category[name].source, "teacher": category[name].teacher}
+            for name in category.names()]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("method", "plugin", "source", "teacher", "description", title="registered methods")
+    for row in rows:
+        table.add_row(row["name"], row["plugin"], row["source"], str(row["teacher"]), row["description"])
+    out.print(table)
+
+
+@app.command()
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List the shipped (and plugin-provided) recipes."""
+    from distillkit.config import load_raw_recipe, recipe_files
+
+    try:
+        rows = [{"name": name, "path": str(path), "description": load_raw_recipe(name).get("description", "")}
+                for name, path in sorted(recipe_files().items())]
+    except DistillkitError as error:
+        _fail(error)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("recipe", "description", title="recipes")
+    for row in rows:
+        table.add_row(row["name"], row["description"])
+    out.print(table)
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="registered method name (see `distillkit methods`)")],
+    recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
+    output: Annotated[Path | None, typer.Option(help="run folder [default: runs/RECIPE/METHOD]")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key=value")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --output from its latest checkpoint")] = False,
+) -> None:
+    """Distill (or fine-tune) a student with METHOD on RECIPE."""
+    _setup_logging()
+    from distillkit.pipeline import train as run_training
+
+    try:
+        run_training(method, recipe, output=output, overrides=set_ or [], max_steps=max_steps, resume=resume,
+                     console=err)
+    except DistillkitError as error:
+        _fail(error)
+
+
+def _eval_settings(model_dir: Path) -> dict[str, Any]:
+    """Data lengths and sampling settings of the run that produced the model,
+    when its ``run.json`` is next to it (else the paper's defaults)."""
+    for folder in (model_dir, model_dir.parent):
+        manifest = folder / "run.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text())["recipe"]
+    return {}
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Option(help="model folder, or a run folder (its best checkpoint is used)")],
+    data: Annotated[str, typer.Option(help="registered dataset name (its test split) or a data file")],
+    seeds: Annotated[str, typer.Option(help="comma-separated sampling seeds")] = "10,20,30,40,50",
+    limit: Annotated[int, typer.Option(help="evaluate only the first N examples (0: all)")] = 0,
+    output: Annotated[Path | None, typer.Option(help="write the scores to this JSON file")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 0,
+) -> None:
+    """Generate responses and report ROUGE-L per seed and the mean."""
+    _setup_logging()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
+    from distillkit.data import load_eval_set, tokenize
+    from distillkit.evaluation import evaluate
+    from distillkit.models import load_tokenizer
+    from distillkit.sampling import SamplingSettings
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(DistillkitError(f"--seeds expects comma-separated integers, got '{seeds}'"))
+    try:
+        if (model / "best").is_dir():
+            model = model / "best"
+        if not (model / "config.json").is_file():
+            raise DistillkitError(f"{model} holds no model (config.json missing); pass a model or run folder")
+        recipe = _eval_settings(model)
+        data_cfg = build(DataConfig, recipe.get("data", {}), "data")
+        generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
+        eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
+        tokenizer = load_tokenizer(str(model))
+        network = AutoModelForCausalLM.from_pretrained(model)
+        network.to("cuda" if torch.cuda.is_available() else "cpu")
+        examples = load_eval_set(data)
+        if limit:
+            examples = examples[:limit]
+        tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=data_cfg.max_prompt_length,
+                                max_length=data_cfg.max_length, training=False)
+    except DistillkitError as error:
+        _fail(error)
+    settings = SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k,
+                                generation.top_p, eval_cfg.no_repeat_ngram_size)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(f"eval {data}", total=len(tokenized) * len(seed_list))
+        result = evaluate(network, tokenizer, tokenized, settings, seeds=seed_list,
+                          batch_size=batch_size or generation.batch_size, max_length=data_cfg.max_length,
+                          progress=lambda n: progress.advance(task, n))
+    table = Table("seed", "ROUGE-L", title=f"{model} on {data} ({len(tokenized)} examples)")
+    for seed, score in result.per_seed.items():
+        table.add_row(str(seed), f"{score:.2f}")
+    table.add_row("mean ± std", f"{result.mean:.2f} ± {result.std:.2f}", style="bold")
+    out.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"model": str(model), "data": data, "examples": len(tokenized),
+                                      "rougeL": {str(k): v for k, v in result.per_seed.items()},
+                                      "mean": result.mean, "std": result.std,
+                                      "generated_tokens": result.generated_tokens}, indent=2) + "\n")
+
+
+def main() -> None:
+    app()

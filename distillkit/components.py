@@ -1,0 +1,185 @@
+"""The component types that plugins register (see :mod:`distillkit.hookspecs`).
+
+Shapes: ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``N`` masked
+(response) tokens.  Every token-level loss is averaged over response tokens
+only; the trainer rescales micro-batch means so that gradient accumulation
+averages over all response tokens of the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from distillkit.batch import ExampleBatch, TrainBatch
+    from distillkit.run import Run
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that has no hyper-parameters of its own."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One parameter update inside a training step.
+
+    ``trains`` names the parameters the stage updates (``"student"`` or
+    ``"teacher_adapter"``); each named group has its own optimizer and
+    learning-rate schedule.  ``loss(run, batch)`` returns a dict of scalar
+    tensors whose ``"loss"`` entry is back-propagated (a mean over the
+    micro-batch's response tokens); the other entries are logged.
+    """
+
+    trains: str
+    loss: Callable[[Run, TrainBatch], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method: a named composition of the four hook points.
+
+    Per optimizer step the trainer draws dataset examples, turns them into a
+    training batch with the ``source``, then runs each ``stage`` in order
+    (all micro-batches, then one optimizer step of that stage's parameters).
+
+    - ``source``: name of a registered pseudo-target source;
+      ``source_options(opts)`` gives its keyword arguments.
+    - ``teacher``: name of a registered teacher adapter, or ``None`` when the
+      method uses no teacher (SFT); ``teacher_options(opts)`` likewise.
+    - ``options``: a frozen dataclass of hyper-parameters, set by a recipe's
+      ``[methods.NAME]`` section; the run exposes it as ``run.options``.
+    - ``student_init``: ``"pretrained"`` starts from the recipe's student,
+      ``"sft"`` from its supervised fine-tuned checkpoint (prepared and cached).
+    """
+
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+    source: str = "dataset"
+    teacher: str | None = "frozen"
+    options: type = NoOptions
+    source_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
+    teacher_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
+    student_init: str = "pretrained"
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A token-level divergence between a trainable and a target distribution.
+
+    ``per_token(trainable_logp, target_logp, **params)`` receives fp32
+    log-probabilities of shape ``(N, V)`` (already temperature-scaled and
+    log-softmaxed) and returns the divergence per row, shape ``(N,)``, in nats.
+    ``params`` are the divergence's own parameters (e.g. ``beta``) with their
+    defaults.  Chunking, masking and averaging are done by the core
+    (:func:`distillkit.divergences.masked_divergence`).
+    """
+
+    name: str
+    description: str
+    per_token: Callable[..., torch.Tensor]
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A coefficient schedule ``value(k, K, **params) -> float``.
+
+    ``k`` is the number of optimizer steps done (0-based), ``K`` the total.
+    """
+
+    name: str
+    description: str
+    value: Callable[..., float]
+    params: dict[str, float] = field(default_factory=dict)
+
+
+class PseudoTargetSource(Protocol):
+    """Turns dataset examples into a teacher-forcing batch ``[x ‖ y]``."""
+
+    def __call__(self, examples: ExampleBatch) -> TrainBatch: ...
+
+
+class TeacherAdapter(Protocol):
+    """The teacher as a run sees it.
+
+    ``logits(batch, grad=False)`` returns next-token logits of shape
+    ``(B, T-1, V)`` aligned with ``batch.labels`` (virtual prompt positions
+    already dropped).  ``trainable_parameters()`` lists what the adapter
+    trains (empty for a frozen teacher); the base teacher never trains.
+    """
+
+    def logits(self, batch: TrainBatch, *, grad: bool = False) -> torch.Tensor: ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+
+@dataclass(frozen=True)
+class SourceFactory:
+    """A named pseudo-target source; ``build(run, **options)`` makes it."""
+
+    name: str
+    description: str
+    build: Callable[..., PseudoTargetSource]
+
+
+@dataclass(frozen=True)
+class TeacherAdapterFactory:
+    """A named teacher adapter; ``build(teacher, run, **options)`` wraps the
+    loaded teacher model for a run."""
+
+    name: str
+    description: str
+    build: Callable[..., TeacherAdapter]
+
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One instruction-following example, independent of its file format.
+
+    ``references`` holds one or more reference responses; the first is the
+    training target.  ``origin`` says where the row came from (``file:line``)
+    so that errors can point at it.
+    """
+
+    instruction: str
+    input: str
+    references: tuple[str, ...]
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A row format: ``to_example(row, origin)`` maps one raw row to an
+    :class:`InstructionExample`, raising ``ValueError`` with a one-line reason
+    for a malformed row.  ``fields`` are the columns that identify the format
+    (used by ``format = "auto"``)."""
+
+    name: str
+    description: str
+    fields: frozenset[str]
+    to_example: Callable[[dict[str, Any], str], InstructionExample]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named dataset.
+
+    ``location`` is a hub id or folder name, looked up first under
+    ``DISTILLKIT_DATA_DIR``.  ``files`` maps split names (``train``,
+    ``validation``, ``test``) to files inside the folder.  A dataset with a
+    single file (``split_sizes`` set) is split reproducibly by seed into
+    validation/test sizes, the rest being train.
+    """
+
+    name: str
+    description: str
+    location: str
+    format: str
+    files: dict[str, str] = field(default_factory=dict)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    missing_reason: str = ""

@@ -1,0 +1,313 @@
+"""Recipes: TOML files validated into typed configs, with ``--set`` overrides.
+
+A recipe holds the model pair, the data, the training budget and per-method
+sections.  Every key is checked: an unknown key is an error that names the
+nearest valid key.  A recipe may ``extends = "other"`` to start from another
+recipe (tables are merged key by key).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distillkit.errors import DistillkitError
+from distillkit.registry import did_you_mean, registry
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a local path or hub id (``path``, optionally
+    a ``gguf_file`` inside it), or a ``transformers`` config to build a
+    randomly initialised model from (``config``, e.g. ``{model_type = "gpt2",
+    n_layer = 2}``).  With ``sft`` set, the model is first fine-tuned on the
+    dataset responses with those training overrides (cached, reused by every
+    method)."""
+
+    path: str | None = None
+    gguf_file: str | None = None
+    config: dict[str, Any] | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    init_seed: int = 0
+    sft: dict[str, Any] | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    """The shared tokenizer: a local path or hub id (default: the teacher's
+    path), or ``train_vocab_size`` to train a byte-level BPE tokenizer of that
+    size on the training split (cached)."""
+
+    path: str | None = None
+    train_vocab_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Training data: a registered dataset name, a hub id or a local path.
+    ``files`` maps split names to files when ``dataset`` is a folder;
+    prompts longer than ``max_prompt_length`` tokens are dropped from
+    training and truncated (keeping their end) in evaluation."""
+
+    dataset: str = "dolly"
+    format: str = "auto"
+    files: dict[str, str] = field(default_factory=dict)
+    max_prompt_length: int = 256
+    max_length: int = 512
+    train_limit: int = 0
+    split_seed: int = 42
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation budget and bookkeeping of one run (per process)."""
+
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 10
+    eval_every: int = 0
+    eval_limit: int = 200
+    select_by: Literal["rougeL", "loss"] = "rougeL"
+    save_every: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings (the paper's: top-k 0, top-p 1.0, temperature 1.0).
+    ``max_new_tokens = 0`` means up to ``data.max_length`` in total."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation protocol (ROUGE-L over seeds, as in the paper)."""
+
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    no_repeat_ngram_size: int = 6
+    limit: int = 0
+
+
+@dataclass
+class Recipe:
+    """A whole recipe file."""
+
+    name: str = ""
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# --- validation --------------------------------------------------------------
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+
+
+def build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types
+    raise :class:`DistillkitError` naming the key (``where.key``)."""
+    if not isinstance(data, dict):
+        raise DistillkitError(f"'{where}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise DistillkitError(
+                f"unknown key '{path}'{did_you_mean(key, names)}; valid keys here: {', '.join(names)}"
+            )
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = build(annotation, value, path)
+        elif _type_ok(value, annotation):
+            kwargs[key] = float(value) if annotation is float else value
+        else:
+            raise DistillkitError(f"'{path}' must be {_describe(annotation)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# --- recipe files ------------------------------------------------------------
+
+
+def recipe_files() -> dict[str, Path]:
+    """Shipped and plugin-provided recipes, by name (later folders win)."""
+    found: dict[str, Path] = {}
+    for folder in registry().recipe_dirs:
+        for path in sorted(Path(folder).glob("*.toml")):
+            found[path.stem] = path
+    return found
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise DistillkitError(f"recipe file {path} is not valid TOML: {err}") from err
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise DistillkitError(f"recipe file {path} does not exist")
+        return path
+    files = recipe_files()
+    if name_or_path not in files:
+        raise DistillkitError(
+            f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, files)}; "
+            f"valid recipes: {', '.join(sorted(files)) or 'none'} (or pass a path to a .toml file)"
+        )
+    return files[name_or_path]
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_raw_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe as a plain dict, with ``extends`` resolved."""
+    path = find_recipe(name_or_path)
+    if str(path) in _seen:
+        raise DistillkitError(f"recipe {path} extends itself (cycle: {' -> '.join(_seen)})")
+    raw = _read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        raw = _merge(load_raw_recipe(parent, (*_seen, str(path))), raw)
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as TOML (numbers, booleans,
+    strings in quotes, lists), else taken as a bare string."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise DistillkitError(f"--set expects key=value (e.g. training.lr=1e-4), got '{assignment}'")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for assignment in assignments:
+        keys, value = parse_override(assignment)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise DistillkitError(f"--set {assignment}: '{key}' is a value, not a table")
+        node[keys[-1]] = value
+    return raw
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe."""
+    raw = apply_overrides(load_raw_recipe(name_or_path), overrides or [])
+    recipe = build(Recipe, raw, "")
+    for section in ("teacher", "student"):
+        sft = getattr(recipe, section).sft
+        if sft is not None:
+            build(TrainingConfig, sft, f"{section}.sft")
+    methods = registry().methods
+    for name in recipe.methods:
+        if name not in methods:
+            raise DistillkitError(
+                f"recipe section 'methods.{name}' names no registered method{did_you_mean(name, methods.names())}; "
+                f"registered: {', '.join(methods.names())}"
+            )
+    return recipe
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``train`` run needs: the recipe, the method, its
+    validated options and the training settings after method overrides."""
+
+    recipe: Recipe
+    method: str
+    options: Any
+    training: TrainingConfig
+    student_init: Literal["pretrained", "sft"] = "pretrained"
+
+
+def resolve_run(recipe: Recipe, method_name: str) -> RunConfig:
+    """Combine the recipe with one method's ``[methods.NAME]`` section."""
+    method = registry().methods[method_name]
+    section = dict(recipe.methods.get(method_name, {}))
+    training_overrides = section.pop("training", {})
+    student_init = section.pop("student_init", method.student_init)
+    if student_init not in ("pretrained", "sft"):
+        raise DistillkitError(f"'methods.{method_name}.student_init' must be 'pretrained' or 'sft', got {student_init!r}")
+    options = build(method.options, section, f"methods.{method_name}")
+    training = build(TrainingConfig, _merge(to_dict(recipe.training), training_overrides),
+                     f"methods.{method_name}.training")
+    return RunConfig(recipe=recipe, method=method_name, options=options, training=training,
+                     student_init=student_init)

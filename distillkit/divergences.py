@@ -1,0 +1,168 @@
+"""Token-level divergences between a trainable distribution Q and a target P.
+
+All values are true divergences in nats (the entropy terms are included, so
+they are >= 0 and zero for identical inputs), computed from logits with
+``log_softmax`` in fp32.  :func:`masked_divergence` gathers the response
+positions, loops over chunks of ``chunk_size`` rows under activation
+checkpointing (backward keeps only each chunk's input logits and recomputes
+its softmax), and averages over the response tokens.  Peak extra memory is
+therefore O(chunk_size * V) instead of several (B, T, V) fp32 copies.
+
+Names follow the trainable/target roles: ``forward_kl`` is KL(P || Q),
+``reverse_kl`` is KL(Q || P), where Q is the side being trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from distillkit import hookimpl
+from distillkit.components import Divergence
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities (N, V) -> (N,).
+
+    Terms where either log-probability is -inf are zero (0 * -inf is not NaN).
+    """
+    finite = torch.isfinite(logp) & torch.isfinite(logq)
+    terms = torch.where(finite, logp.exp() * (logp - logq), torch.zeros_like(logp))
+    return terms.sum(-1)
+
+
+def forward_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q): mode-covering; used by KD and SeqKD."""
+    return _kl(target_logp, trainable_logp)
+
+
+def reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """KL(Q || P): mode-seeking; used by GKD (as in PromptKD), MiniLLM, PromptKD."""
+    return _kl(trainable_logp, target_logp)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * P + (1 - weight_p) * Q), computed with logsumexp."""
+    stacked = torch.stack([logp + math.log(weight_p), logq + math.log1p(-weight_p)])
+    return torch.logsumexp(stacked, dim=0)
+
+
+def generalized_jsd(trainable_logp: torch.Tensor, target_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """beta * KL(P || M) + (1 - beta) * KL(Q || M) with M = beta P + (1 - beta) Q
+    (Agarwal et al. 2024, Eq. 1).  beta = 0 is forward KL and beta = 1 reverse
+    KL exactly (as in TRL); near the endpoints the value shrinks towards 0, so
+    the loss scale jumps at beta in {0, 1}."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD needs 0 <= beta <= 1, got {beta}")
+    if beta == 0.0:
+        return forward_kl(trainable_logp, target_logp)
+    if beta == 1.0:
+        return reverse_kl(trainable_logp, target_logp)
+    log_m = _log_mixture(target_logp, trainable_logp, beta)
+    return beta * _kl(target_logp, log_m) + (1.0 - beta) * _kl(trainable_logp, log_m)
+
+
+def skew_forward_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """KL(P || alpha P + (1 - alpha) Q) (DistiLLM's SKL)."""
+    return _kl(target_logp, _log_mixture(target_logp, trainable_logp, alpha))
+
+
+def skew_reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """KL(Q || (1 - alpha) P + alpha Q) (DistiLLM's SRKL)."""
+    return _kl(trainable_logp, _log_mixture(target_logp, trainable_logp, 1.0 - alpha))
+
+
+def total_variation(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """0.5 * sum_v |P(v) - Q(v)|, in [0, 1]."""
+    return 0.5 * (target_logp.exp() - trainable_logp.exp()).abs().sum(-1)
+
+
+def chunked_token_sum(
+    per_row: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Sum ``per_row(*chunk)`` over row chunks of the (N, ...) tensors ``rows``.
+
+    Each chunk runs under activation checkpointing when gradients are needed,
+    so only the chunk inputs are kept for backward.
+    """
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    for start in range(0, rows[0].shape[0], chunk_size):
+        chunk = tuple(r[start : start + chunk_size] for r in rows)
+        if needs_grad:
+            total = total + checkpoint(lambda *c: per_row(*c).sum(), *chunk, use_reentrant=False)
+        else:
+            total = total + per_row(*chunk).sum()
+    return total
+
+
+def masked_divergence(
+    divergence: Divergence,
+    trainable_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **params: float,
+) -> torch.Tensor:
+    """Mean divergence over the masked positions.
+
+    ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
+    ``mask``: (B, T), true at the response positions to score.  Returns a
+    scalar fp32 tensor (nats per response token); 0 when the mask is empty.
+    """
+    if trainable_logits.shape != target_logits.shape:
+        raise ValueError(
+            f"trainable and target logits differ in shape: {tuple(trainable_logits.shape)} vs "
+            f"{tuple(target_logits.shape)}"
+        )
+    unknown = set(params) - set(divergence.params)
+    if unknown:
+        raise ValueError(f"divergence '{divergence.name}' has no parameter(s) {sorted(unknown)}")
+    kwargs = {**divergence.params, **params}
+    mask = mask.bool()
+
+    def per_row(trainable: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        trainable_logp = torch.log_softmax(trainable.float() / temperature, dim=-1)
+        target_logp = torch.log_softmax(target.float() / temperature, dim=-1)
+        return divergence.per_token(trainable_logp, target_logp, **kwargs)
+
+    count = mask.sum()
+    total = chunked_token_sum(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size)
+    return total / count.clamp(min=1)
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Mean negative log-likelihood of ``labels`` (B, T) under ``logits``
+    (B, T, V) over the masked positions, in nats per token; chunked like
+    :func:`masked_divergence`."""
+    mask = mask.bool()
+
+    def per_row(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(rows.float(), targets, reduction="none")
+
+    total = chunked_token_sum(per_row, logits[mask], labels[mask], chunk_size=chunk_size)
+    return total / mask.sum().clamp(min=1)
+
+
+BUILTIN_DIVERGENCES = [
+    Divergence("forward_kl", "KL(P||Q), target P, trainable Q (mode-covering)", forward_kl),
+    Divergence("reverse_kl", "KL(Q||P), trainable Q, target P (mode-seeking)", reverse_kl),
+    Divergence("jsd", "generalized JSD(beta); beta=0 forward KL, beta=1 reverse KL", generalized_jsd, {"beta": 0.5}),
+    Divergence("skew_forward_kl", "KL(P || aP+(1-a)Q) (DistiLLM SKL)", skew_forward_kl, {"alpha": 0.1}),
+    Divergence("skew_reverse_kl", "KL(Q || (1-a)P+aQ) (DistiLLM SRKL)", skew_reverse_kl, {"alpha": 0.1}),
+    Divergence("tvd", "total variation distance 0.5*sum|P-Q|", total_variation),
+]
+
+
+@hookimpl
+def distillkit_register_divergences() -> list[Divergence]:
+    return BUILTIN_DIVERGENCES

@@ -1,0 +1,189 @@
+"""From a recipe to a trained student: tokenizer, data, models (with cached
+supervised fine-tuning of the teacher and of the SFT student init), trainer.
+
+Prepared artefacts are cached under ``$DISTILLKIT_CACHE_DIR`` (default
+``~/.cache/distillkit``), keyed by a hash of everything that determines them,
+so a second method on the same recipe reuses the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distillkit import __version__
+from distillkit.config import (
+    ModelConfig,
+    Recipe,
+    RunConfig,
+    TrainingConfig,
+    build,
+    load_recipe,
+    resolve_run,
+    to_dict,
+)
+from distillkit.data import format_prompt, load_split, tokenize
+from distillkit.errors import DistillkitError
+from distillkit.models import check_shared_vocabulary, load_model, load_tokenizer, train_bpe_tokenizer
+from distillkit.registry import registry
+from distillkit.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DISTILLKIT_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "distillkit")).expanduser()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_identity(recipe: Recipe) -> dict[str, Any]:
+    """The fields of ``[data]`` that change which training examples exist."""
+    data = to_dict(recipe.data)
+    return {k: data[k] for k in ("dataset", "format", "files", "train_limit", "split_seed", "max_prompt_length",
+                                 "max_length")}
+
+
+def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
+    """The recipe's shared tokenizer and an identity string for cache keys."""
+    settings = recipe.tokenizer
+    if settings.train_vocab_size:
+        key = fingerprint("bpe", settings.train_vocab_size, data_identity(recipe))
+        folder = cache_root() / "tokenizers" / key
+        if not (folder / "tokenizer.json").is_file():
+            examples = load_split(recipe.data, "train")
+            log.info("training a %d-token byte-level BPE tokenizer on %d examples", settings.train_vocab_size,
+                     len(examples))
+            tokenizer = train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples),
+                                            settings.train_vocab_size)
+            tokenizer.save_pretrained(folder)
+        return load_tokenizer(str(folder)), f"bpe-{key}"
+    path = settings.path or recipe.teacher.path or recipe.student.path
+    if path is None:
+        raise DistillkitError("set tokenizer.path or tokenizer.train_vocab_size (no model path to take it from)")
+    gguf = recipe.teacher.gguf_file if path == recipe.teacher.path else None
+    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=recipe.teacher.trust_remote_code), path
+
+
+@dataclass
+class PreparedData:
+    train: list
+    validation: list
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    data = recipe.data
+    train_examples = load_split(data, "train")
+    if data.train_limit:
+        train_examples = train_examples[: data.train_limit]
+    train, dropped = tokenize(train_examples, tokenizer, max_prompt_length=data.max_prompt_length,
+                              max_length=data.max_length, training=True)
+    if dropped:
+        log.info("dropped %d of %d training examples whose prompt exceeds %d tokens", dropped, len(train_examples),
+                 data.max_prompt_length)
+    validation, _ = tokenize(load_split(data, "validation"), tokenizer, max_prompt_length=data.max_prompt_length,
+                             max_length=data.max_length, training=False)
+    return PreparedData(train, validation)
+
+
+@dataclass
+class Session:
+    """Shared state of one recipe: its tokenizer and tokenized data."""
+
+    recipe: Recipe
+    tokenizer: Any
+    tokenizer_id: str
+    data: PreparedData
+    console: Console
+
+
+def open_session(recipe: Recipe, console: Console) -> Session:
+    tokenizer, tokenizer_id = recipe_tokenizer(recipe)
+    return Session(recipe, tokenizer, tokenizer_id, prepare_data(recipe, tokenizer), console)
+
+
+def model_tokenizer(session: Session, spec: ModelConfig) -> Any:
+    """A path-loaded model's own tokenizer, unless the recipe sets a shared one."""
+    shared = session.recipe.tokenizer.path or session.recipe.tokenizer.train_vocab_size
+    if shared or spec.path is None:
+        return session.tokenizer
+    return load_tokenizer(spec.path, gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code)
+
+
+def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path | None]:
+    """The ``role`` model, supervised fine-tuned first when its spec has
+    ``sft`` (cached).  Returns the model and its prepared folder, if any."""
+    spec: ModelConfig = getattr(session.recipe, role)
+    if spec.sft is None:
+        return load_model(spec, session.tokenizer, role), None
+    training = build(TrainingConfig, {**to_dict(session.recipe.training), **spec.sft}, f"{role}.sft")
+    spec_identity = {k: v for k, v in to_dict(spec).items() if k != "sft"}
+    key = fingerprint(role, spec_identity, to_dict(training), session.tokenizer_id, data_identity(session.recipe),
+                      to_dict(session.recipe.generation), __version__)
+    folder = cache_root() / "models" / f"{session.recipe.name}-{role}-sft-{key}"
+    best = folder / "best"
+    if not (folder / "DONE").is_file():
+        session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
+        model = load_model(spec, session.tokenizer, role)
+        config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
+                           training=training)
+        Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
+                resume=True, console=session.console).fit()
+        (folder / "DONE").write_text("complete\n")
+    model_spec = dataclasses.replace(spec, path=str(best), config=None, gguf_file=None, sft=None)
+    return load_model(model_spec, session.tokenizer, role), best
+
+
+def train(
+    method_name: str,
+    recipe_name: str,
+    *,
+    output: Path | None = None,
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> Path:
+    """``distillkit train``: returns the best student checkpoint folder."""
+    console = console or Console(stderr=True)
+    method = registry().methods[method_name]
+    recipe = load_recipe(recipe_name, overrides)
+    config = resolve_run(recipe, method_name)
+    if max_steps is not None:
+        config.training.max_steps = max_steps
+    output = output or Path("runs") / recipe.name / method_name
+    session = open_session(recipe, console)
+    teacher, teacher_dir = (None, None) if method.teacher is None else prepared_model(session, "teacher")
+    if config.student_init == "sft":
+        student_spec = dataclasses.replace(recipe.student, sft=recipe.student.sft or {})
+        student, _ = prepared_model(dataclasses.replace(session, recipe=dataclasses.replace(recipe, student=student_spec)),
+                                    "student")
+    else:
+        student = load_model(recipe.student, session.tokenizer, "student")
+    if teacher is not None:
+        check_shared_vocabulary(model_tokenizer(session, recipe.teacher), model_tokenizer(session, recipe.student))
+    trainer = Trainer(config, student, session.tokenizer, session.data.train, session.data.validation, output,
+                      teacher=teacher, resume=resume, console=console)
+    if teacher_dir is not None and trainer.accelerator.is_main_process:
+        link = output / "teacher"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
+    best = trainer.fit()
+    console.print(f"[green]done[/]: best student in {best}")
+    return best

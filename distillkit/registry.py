@@ -1,0 +1,167 @@
+"""The plugin manager and the merged registry of named components.
+
+Every plugin, built-in or third-party, is loaded from the entry-point group
+``distillkit``.  Each registration hook implementation is called separately
+so that the registry knows which plugin provided which name, and a name
+registered twice is reported with both plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import pluggy
+
+from distillkit import hookspecs
+from distillkit.components import (
+    DataFormat,
+    DatasetSpec,
+    Divergence,
+    Method,
+    Schedule,
+    SourceFactory,
+    TeacherAdapterFactory,
+)
+from distillkit.errors import DistillkitError
+
+ENTRY_POINT_GROUP = "distillkit"
+
+T = TypeVar("T")
+
+
+class PluginError(DistillkitError):
+    """A plugin failed to load or registered something invalid."""
+
+
+def did_you_mean(name: str, candidates: list[str] | Any) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """A registered component and the plugin that registered it."""
+
+    item: T
+    plugin: str
+
+
+class Category(Generic[T]):
+    """Named components of one kind, with clear errors for unknown names."""
+
+    def __init__(self, kind: str, expected: type) -> None:
+        self.kind = kind
+        self.expected = expected
+        self.entries: dict[str, Entry[T]] = {}
+
+    def add(self, item: T, plugin: str) -> None:
+        if not isinstance(item, self.expected):
+            raise PluginError(
+                f"plugin '{plugin}' registered {item!r} as a {self.kind}; "
+                f"expected a distillkit.components.{self.expected.__name__}"
+            )
+        name = item.name  # type: ignore[attr-defined]
+        if name in self.entries:
+            raise PluginError(
+                f"{self.kind} '{name}' is registered by two plugins: "
+                f"'{self.entries[name].plugin}' and '{plugin}'; uninstall or rename one of them"
+            )
+        self.entries[name] = Entry(item, plugin)
+
+    def __getitem__(self, name: str) -> T:
+        return self.entry(name).item
+
+    def entry(self, name: str) -> Entry[T]:
+        if name not in self.entries:
+            valid = ", ".join(sorted(self.entries)) or "none"
+            raise DistillkitError(
+                f"unknown {self.kind} '{name}'{did_you_mean(name, self.entries)}; valid names: {valid}"
+            )
+        return self.entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+class Registry:
+    """All components registered by the loaded plugins."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.plugin_manager = pm
+        self.methods: Category[Method] = Category("method", Method)
+        self.sources: Category[SourceFactory] = Category("pseudo-target source", SourceFactory)
+        self.teacher_adapters: Category[TeacherAdapterFactory] = Category(
+            "teacher adapter", TeacherAdapterFactory
+        )
+        self.divergences: Category[Divergence] = Category("divergence", Divergence)
+        self.schedules: Category[Schedule] = Category("schedule", Schedule)
+        self.data_formats: Category[DataFormat] = Category("data format", DataFormat)
+        self.datasets: Category[DatasetSpec] = Category("dataset", DatasetSpec)
+        self.recipe_dirs: list[Path] = []
+        self._collect()
+
+    def _collect(self) -> None:
+        categories = {
+            "distillkit_register_methods": self.methods,
+            "distillkit_register_sources": self.sources,
+            "distillkit_register_teacher_adapters": self.teacher_adapters,
+            "distillkit_register_divergences": self.divergences,
+            "distillkit_register_schedules": self.schedules,
+            "distillkit_register_data_formats": self.data_formats,
+            "distillkit_register_datasets": self.datasets,
+        }
+        for hook_name, category in categories.items():
+            for plugin, items in self._call_each(hook_name):
+                for item in items:
+                    category.add(item, plugin)
+        for _plugin, dirs in self._call_each("distillkit_register_recipe_dirs"):
+            self.recipe_dirs.extend(Path(d) for d in dirs)
+
+    def _call_each(self, hook_name: str) -> list[tuple[str, list[Any]]]:
+        """Call every implementation of a registration hook, in registration order."""
+        results = []
+        caller = getattr(self.plugin_manager.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            items = impl.function()
+            if items is None:
+                continue
+            if not isinstance(items, (list, tuple)):
+                raise PluginError(f"plugin '{impl.plugin_name}': {hook_name} must return a list, got {items!r}")
+            results.append((impl.plugin_name, list(items)))
+        return results
+
+
+def make_plugin_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:
+    """Load every plugin of the entry-point group (and ``extra_plugins``),
+    failing with a clear message on a malformed plugin."""
+    pm = pluggy.PluginManager("distillkit")
+    pm.add_hookspecs(hookspecs)
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for plugin in extra_plugins:
+            pm.register(plugin)
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise PluginError(
+            f"plugin '{getattr(err.plugin, '__name__', err.plugin)}' does not match "
+            f"distillkit's hook specifications: {err}; see distillkit/hookspecs.py for the expected signatures"
+        ) from err
+    if not pm.get_plugins():
+        raise PluginError(
+            "no distillkit plugins found: the package's entry points are missing; reinstall with `pip install -e .`"
+        )
+    return pm
+
+
+@cache
+def registry() -> Registry:
+    """The process-wide registry of all installed plugins (built lazily once)."""
+    return Registry(make_plugin_manager())

@@ -1,0 +1,71 @@
+"""What a method's stage losses see: the models, the options, the step and
+the shared loss helpers (all averaged over response tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distillkit.batch import TrainBatch
+from distillkit.components import TeacherAdapter
+from distillkit.config import RunConfig
+from distillkit.divergences import masked_cross_entropy, masked_divergence
+from distillkit.registry import registry
+
+
+@dataclass
+class Run:
+    """The live state of one training run.
+
+    ``step`` is k, the optimizer steps done so far (0-based), and
+    ``total_steps`` is K; schedules are evaluated at (k, K).
+    """
+
+    config: RunConfig
+    student: torch.nn.Module
+    tokenizer: Any
+    teacher: TeacherAdapter | None = None
+    total_steps: int = 0
+    step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> Any:
+        """The method's validated options (its ``[methods.NAME]`` section)."""
+        return self.config.options
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's size; logits are sliced to it (padded output rows)."""
+        return len(self.tokenizer)
+
+    def student_logits(self, batch: TrainBatch) -> torch.Tensor:
+        """Student next-token logits (B, T-1, V) aligned with ``batch.labels``."""
+        out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.logits[:, :-1, : self.vocab_size]
+
+    def teacher_logits(self, batch: TrainBatch, *, grad: bool = False) -> torch.Tensor:
+        """Teacher (adapter) next-token logits (B, T-1, V); no gradient unless asked."""
+        if self.teacher is None:
+            raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
+        return self.teacher.logits(batch, grad=grad)[..., : self.vocab_size]
+
+    def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """Negative log-likelihood of the batch's response tokens (nats/token)."""
+        return masked_cross_entropy(logits, batch.labels, batch.label_mask)
+
+    def divergence(
+        self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch,
+        *, temperature: float = 1.0, **params: float,
+    ) -> torch.Tensor:
+        """Registered divergence ``name`` between the trainable and the target
+        logits (B, T-1, V), averaged over response tokens."""
+        return masked_divergence(registry().divergences[name], trainable, target, batch.label_mask,
+                                 temperature=temperature, **params)
+
+    def schedule(self, name: str, **params: float) -> float:
+        """Registered schedule ``name`` evaluated at the current (k, K)."""
+        schedule = registry().schedules[name]
+        return schedule.value(self.step, self.total_steps, **{**schedule.params, **params})

@@ -1,0 +1,101 @@
+"""The one sampler: batched ancestral sampling with a KV cache.
+
+Prompts are left-padded with explicit ``position_ids`` (``cumsum(mask) - 1``),
+so models without learned left-padding support (GPT-2) see the same
+positions as unpadded prompts.  Sampling runs under ``no_grad`` in eval mode;
+a ``torch.Generator`` makes it reproducible without touching the global RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from distillkit.batch import left_pad
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """``temperature = 0`` means greedy decoding; ``top_k = 0`` and
+    ``top_p = 1.0`` disable those filters (the paper's settings)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def processors(self) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if self.no_repeat_ngram_size > 0:
+            processors.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        if self.temperature > 0 and self.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k > 0:
+            processors.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        return processors
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    settings: SamplingSettings,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Sample one response per prompt.
+
+    Returns the response token ids of each prompt, through the first EOS
+    (kept) or cut at ``max_new_tokens``.  ``vocab_size`` (the tokenizer's
+    size) masks padded rows of the output matrix.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    processors = settings.processors()
+    batch = input_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated = input_ids
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                use_cache=True)
+    for _ in range(settings.max_new_tokens):
+        scores = processors(generated, out.logits[:, -1, :vocab_size].float())
+        if settings.temperature == 0:
+            next_tokens = scores.argmax(-1)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
+        finished |= next_tokens == eos_token_id
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                    position_ids=_positions(attention_mask)[:, -1:], past_key_values=out.past_key_values,
+                    use_cache=True)
+    model.train(was_training)
+    responses = []
+    for row in generated[:, input_ids.shape[1] :].tolist():
+        end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+        responses.append(row[:end])
+    return responses

@@ -1,0 +1,368 @@
+"""The one training loop, on ``accelerate`` (CPU, one GPU, DDP, FSDP, DeepSpeed
+through ``accelerate launch``).
+
+Per optimizer step k: draw ``batch_size`` examples, let the method's source
+turn each micro-batch into ``[x ‖ y]``, then for each stage run all
+micro-batches (losses rescaled so the step averages over all response
+tokens), clip and step that stage's optimizer and LR schedule.  Evaluation
+every ``eval_every`` steps keeps the best student by validation ROUGE-L (or
+loss); checkpoints (safetensors weights + optimizer, scheduler and RNG state)
+are written atomically and ``resume`` continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import get_scheduler
+
+from distillkit.batch import TokenizedExample, TrainBatch, collate
+from distillkit.components import Method
+from distillkit.config import RunConfig, TrainingConfig, to_dict
+from distillkit.errors import DistillkitError
+from distillkit.evaluation import evaluate
+from distillkit.models import save_model
+from distillkit.registry import registry
+from distillkit.run import Run
+from distillkit.sampling import SamplingSettings
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Progress saved with every checkpoint."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int = -1
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def total_steps(training: TrainingConfig, num_examples: int) -> int:
+    """K: ``max_steps`` if set, else ``epochs`` passes over the data."""
+    if training.max_steps > 0:
+        return training.max_steps
+    return max(1, math.ceil(training.epochs * math.ceil(num_examples / training.batch_size)))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], training: TrainingConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and norm weights (1-D tensors)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(training.adam_betas))
+
+
+class Trainer:
+    """Trains ``student`` with a registered method; writes into ``output_dir``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        student: torch.nn.Module,
+        tokenizer: Any,
+        train_examples: list[TokenizedExample],
+        validation_examples: list[TokenizedExample],
+        output_dir: Path,
+        *,
+        teacher: torch.nn.Module | None = None,
+        resume: bool = False,
+        console: Console | None = None,
+    ) -> None:
+        self.config = config
+        self.training = config.training
+        self.method: Method = registry().methods[config.method]
+        self.tokenizer = tokenizer
+        self.train_examples = train_examples
+        self.validation_examples = validation_examples[: self.training.eval_limit or None]
+        self.output_dir = output_dir
+        self.console = console or Console(stderr=True)
+        if not train_examples:
+            raise DistillkitError("no training examples left after filtering; check data.max_prompt_length")
+        if self.training.batch_size % self.training.micro_batch_size:
+            raise DistillkitError(
+                f"training.batch_size ({self.training.batch_size}) must be a multiple of "
+                f"training.micro_batch_size ({self.training.micro_batch_size})"
+            )
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(self.training.mixed_precision),
+                                       step_scheduler_with_optimizer=False)
+        set_seed(self.training.seed)
+        self.state = TrainerState()
+        self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
+        self.run = Run(config, student, tokenizer,
+                       total_steps=total_steps(self.training, len(train_examples)))
+        if self.method.teacher is not None:
+            if teacher is None:
+                raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
+            teacher.to(self.accelerator.device)
+            adapter = registry().teacher_adapters[self.method.teacher]
+            self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_options(config.options))
+        self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
+        self._setup_optimizers(student)
+        self._resume_or_start(resume)
+
+    # --- setup -------------------------------------------------------------
+
+    def _parameters(self, group: str) -> list[torch.nn.Parameter]:
+        if group == "student":
+            return [p for p in self.run.student.parameters() if p.requires_grad]
+        if group == "teacher_adapter" and self.run.teacher is not None:
+            return self.run.teacher.trainable_parameters()
+        raise DistillkitError(f"method '{self.method.name}': stage trains unknown parameter group '{group}'")
+
+    def _setup_optimizers(self, student: torch.nn.Module) -> None:
+        groups = list(dict.fromkeys(stage.trains for stage in self.method.stages))
+        self.optimizers, self.schedulers = {}, {}
+        for group in groups:
+            lr = getattr(self.config.options, f"{group}_lr", None) or self.training.lr
+            optimizer = make_optimizer(self._parameters(group), self.training, lr)
+            scheduler = get_scheduler(LR_SCHEDULES[self.training.lr_schedule], optimizer,
+                                      num_warmup_steps=self.training.warmup_steps,
+                                      num_training_steps=self.run.total_steps)
+            self.optimizers[group], self.schedulers[group] = optimizer, scheduler
+        prepared = self.accelerator.prepare(student, *self.optimizers.values(), *self.schedulers.values())
+        self.run.student = prepared[0]
+        self.optimizers = dict(zip(groups, prepared[1 : 1 + len(groups)]))
+        self.schedulers = dict(zip(groups, prepared[1 + len(groups) :]))
+        extra_modules = getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
+        for module in extra_modules:
+            self.accelerator.register_for_checkpointing(module)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / STATE_FILE).is_file())
+        return done[-1] if done else None
+
+    def _resume_or_start(self, resume: bool) -> None:
+        latest = self.latest_checkpoint()
+        if latest is not None and not resume:
+            raise DistillkitError(
+                f"{self.output_dir} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
+                "or choose another --output"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if latest is None:
+            if resume:
+                log.info("no checkpoint in %s: starting from step 0", self.output_dir)
+            return
+        self.accelerator.load_state(str(latest))
+        self.state = TrainerState(**json.loads((latest / STATE_FILE).read_text()))
+        self.run.step = self.state.step
+        self._truncate_metrics(self.state.step)
+        log.info("resumed from %s (step %d)", latest, self.state.step)
+
+    # --- data --------------------------------------------------------------
+
+    def examples_for_step(self, step: int) -> list[TokenizedExample]:
+        """The examples of optimizer step ``step``: a fixed permutation per
+        epoch (seeded by training seed and epoch), so resume is exact."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.training.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+        size = self.training.batch_size
+        return [self.train_examples[i] for i in order[index * size : (index + 1) * size]]
+
+    def micro_batches(self, examples: list[TokenizedExample]) -> list[TrainBatch]:
+        size = self.training.micro_batch_size
+        device = self.accelerator.device
+        return [self.source(examples[i : i + size]).to(device) for i in range(0, len(examples), size)]
+
+    # --- training ----------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step of every stage; returns logged values."""
+        batches = self.micro_batches(self.examples_for_step(self.state.step))
+        total_tokens = max(sum(b.num_response_tokens for b in batches), 1)
+        logs: dict[str, float] = {}
+        for stage in self.method.stages:
+            self.run.student.train()
+            for index, batch in enumerate(batches):
+                weight = batch.num_response_tokens / total_tokens
+                last = index == len(batches) - 1
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.run.student)
+                with sync:
+                    terms = stage.loss(self.run, batch)
+                    self.accelerator.backward(terms["loss"] * weight)
+                for name, value in terms.items():
+                    key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
+                    logs[key] = logs.get(key, 0.0) + float(value.detach()) * weight
+            optimizer = self.optimizers[stage.trains]
+            if self.training.max_grad_norm > 0:
+                norm = self.accelerator.clip_grad_norm_(self._parameters(stage.trains), self.training.max_grad_norm)
+                logs[f"grad_norm/{stage.trains}"] = float(norm)
+            optimizer.step()
+            self.schedulers[stage.trains].step()
+            optimizer.zero_grad(set_to_none=True)
+            logs[f"lr/{stage.trains}"] = self.schedulers[stage.trains].get_last_lr()[0]
+        self.state.tokens += int(sum(int(b.attention_mask.sum()) for b in batches))
+        return logs
+
+    def fit(self) -> Path:
+        """Train to K steps (or continue a resumed run); returns the best checkpoint."""
+        total = self.run.total_steps
+        eval_every = self.training.eval_every or self.steps_per_epoch
+        save_every = self.training.save_every or eval_every
+        self._write_manifest()
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+        is_main = self.accelerator.is_main_process
+        with Progress(*columns, console=self.console, disable=not is_main) as progress:
+            task = progress.add_task(f"{self.method.name}", total=total, completed=self.state.step, status="")
+            while self.state.step < total:
+                started, tokens_before = time.perf_counter(), self.state.tokens
+                logs = self.train_step()
+                seconds = time.perf_counter() - started
+                self.state.step += 1
+                self.run.step = self.state.step
+                self.state.elapsed_s += seconds
+                logs["tokens_per_s"] = (self.state.tokens - tokens_before) / max(seconds, 1e-9)
+                lr = next(v for k, v in logs.items() if k.startswith("lr/"))
+                progress.update(task, advance=1, status=(
+                    f"loss {logs.get('loss', logs.get('student/loss', 0.0)):.3f}  lr {lr:.2e}  "
+                    f"{logs['tokens_per_s']:,.0f} tok/s"))
+                if self.state.step % self.training.log_every == 0 or self.state.step == total:
+                    self._log({"step": self.state.step, **logs})
+                if self.state.step % eval_every == 0 or self.state.step == total:
+                    self._evaluate_and_select(progress)
+                if self.state.step % save_every == 0 or self.state.step == total:
+                    self.save_checkpoint()
+        return self.output_dir / "best"
+
+    # --- evaluation --------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        student = self.run.student
+        student.eval()
+        pad_id = self.tokenizer.pad_token_id
+        losses, weights = [], []
+        size = self.training.micro_batch_size
+        for start in range(0, len(self.validation_examples), size):
+            chunk = self.validation_examples[start : start + size]
+            batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], pad_id)
+            batch = batch.to(self.accelerator.device)
+            losses.append(float(self.run.cross_entropy(self.run.student_logits(batch), batch)))
+            weights.append(batch.num_response_tokens)
+        return sum(l * w for l, w in zip(losses, weights)) / max(sum(weights), 1)
+
+    def _evaluate_and_select(self, progress: Progress) -> None:
+        if not self.validation_examples:
+            return
+        generation = self.config.recipe.generation
+        settings = SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k,
+                                    generation.top_p)
+        task = progress.add_task("validation", total=len(self.validation_examples), status="")
+        result = evaluate(self.accelerator.unwrap_model(self.run.student), self.tokenizer, self.validation_examples,
+                          settings, seeds=[self.training.seed], batch_size=generation.batch_size,
+                          max_length=self.config.recipe.data.max_length,
+                          progress=lambda n: progress.advance(task, n))
+        progress.remove_task(task)
+        metrics = {"rougeL": result.mean, "loss": self.validation_loss()}
+        metric = metrics[self.training.select_by]
+        best = self.state.best_metric
+        improved = best is None or (metric > best if self.training.select_by == "rougeL" else metric < best)
+        if improved:
+            self.state.best_metric, self.state.best_step = metric, self.state.step
+            self._save_best(metrics)
+        self._log({"step": self.state.step, "val/rougeL": metrics["rougeL"], "val/loss": metrics["loss"],
+                   "best": improved})
+        progress.console.log(
+            f"step {self.state.step}: validation ROUGE-L {metrics['rougeL']:.2f}, loss {metrics['loss']:.3f}"
+            + (" (best)" if improved else "")
+        )
+
+    # --- files -------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric records written after the checkpoint we resume from."""
+        path = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _write_manifest(self) -> None:
+        if self.accelerator.is_main_process:
+            manifest = {"method": self.method.name, "recipe": to_dict(self.config.recipe),
+                        "options": to_dict(self.config.options), "training": to_dict(self.training),
+                        "total_steps": self.run.total_steps}
+            (self.output_dir / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    def _atomic_dir(self, final: Path, write: Any) -> None:
+        """Write into ``final.tmp`` then swap it in, so a killed run never
+        leaves a half-written folder in place of a good one."""
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+
+    def _save_best(self, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+
+        def write(folder: Path) -> None:
+            save_model(self.accelerator.unwrap_model(self.run.student), self.tokenizer, folder)
+            save_adapter = getattr(self.run.teacher, "save", None)
+            if save_adapter is not None:
+                save_adapter(folder / "teacher_adapter")
+            (folder / "best.json").write_text(json.dumps({"step": self.state.step, **metrics}, indent=2) + "\n")
+
+        self._atomic_dir(self.output_dir / "best", write)
+
+    def save_checkpoint(self) -> None:
+        """Every process writes its part into ``step-K.tmp``; the main process
+        then adds the trainer state (which marks it complete), renames it and
+        removes older checkpoints."""
+        final = self.checkpoint_dir / f"step-{self.state.step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(self.state.__dict__, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.checkpoint_dir.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()

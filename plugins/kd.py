@@ -1,0 +1,40 @@
+"""KD (word-level, Sanh et al. 2019): match the teacher's next-token
+distribution at every ground-truth position, mixed with the LM loss.
+
+    L_KD = (1 - kd_ratio) * L_SFT + kd_ratio * mean_t KL(p_t || q_t)
+
+with a true forward KL (teacher entropy included) at ``temperature``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distillkit import hookimpl
+from distillkit.batch import TrainBatch
+from distillkit.components import Method, Stage
+from distillkit.run import Run
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    kd_ratio: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+
+
+def kd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    opts: KDOptions = run.options
+    student = run.student_logits(batch)
+    teacher = run.teacher_logits(batch)
+    ce = run.cross_entropy(student, batch)
+    kl = run.divergence(opts.divergence, student, teacher, batch, temperature=opts.temperature)
+    return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * kl, "ce": ce, "kl": kl}
+
+
+@hookimpl
+def distillkit_register_methods() -> list[Method]:
+    return [Method(name="kd", description="word-level KD: LM loss + forward KL to the teacher on dataset responses",
+                   stages=(Stage("student", kd_loss),), source="dataset", teacher="frozen", options=KDOptions)]

@@ -1,0 +1,24 @@
+"""SFT: supervised fine-tuning on the dataset responses (no teacher).
+
+    L_SFT = -(1 / sum m) * sum_t m_t log q_theta(y*_t | x, y*_<t)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distillkit import hookimpl
+from distillkit.batch import TrainBatch
+from distillkit.components import Method, Stage
+from distillkit.run import Run
+
+
+def sft_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    ce = run.cross_entropy(run.student_logits(batch), batch)
+    return {"loss": ce}
+
+
+@hookimpl
+def distillkit_register_methods() -> list[Method]:
+    return [Method(name="sft", description="supervised fine-tuning on dataset responses",
+                   stages=(Stage("student", sft_loss),), source="dataset", teacher=None)]
