@@ -124,7 +124,7 @@ def eval_(
     from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
     from distillkit.data import load_eval_set, tokenize
     from distillkit.evaluation import evaluate
-    from distillkit.models import load_tokenizer
+    from distillkit.models import load_tokenizer, max_positions
     from distillkit.sampling import SamplingSettings
 
     try:
@@ -143,6 +143,12 @@ def eval_(
         tokenizer = load_tokenizer(str(model))
         network = AutoModelForCausalLM.from_pretrained(model)
         network.to("cuda" if torch.cuda.is_available() else "cpu")
+        limit_positions = max_positions(network)
+        if limit_positions is not None and limit_positions < data_cfg.max_length:
+            err.print(f"note: the model takes {limit_positions} positions; max_length {data_cfg.max_length} -> "
+                      f"{limit_positions}")
+            data_cfg.max_length = limit_positions
+            data_cfg.max_prompt_length = min(data_cfg.max_prompt_length, limit_positions // 2)
         examples = load_eval_set(data)
         if limit:
             examples = examples[:limit]

@@ -235,10 +235,10 @@ def load_raw_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str,
     if str(path) in _seen:
         raise DistillkitError(f"recipe {path} extends itself (cycle: {' -> '.join(_seen)})")
     raw = _read_toml(path)
+    raw.setdefault("name", path.stem)
     parent = raw.pop("extends", None)
     if parent is not None:
         raw = _merge(load_raw_recipe(parent, (*_seen, str(path))), raw)
-    raw.setdefault("name", path.stem)
     return raw
 
 

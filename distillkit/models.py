@@ -79,6 +79,19 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str) -> torch.nn.Module:
     return model
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model accepts, when its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_length(model: torch.nn.Module, max_length: int, role: str) -> None:
+    limit = max_positions(model)
+    if limit is not None and limit < max_length:
+        raise DistillkitError(
+            f"data.max_length ({max_length}) exceeds the {role}'s {limit} positions; lower data.max_length"
+        )
+
+
 def check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
     """Refuse pairs whose tokenizers differ.  Embedding sizes may differ
     (padded vocabularies such as 50257 vs 50272); logits are sliced to the

@@ -33,7 +33,13 @@ from distillkit.config import (
 )
 from distillkit.data import format_prompt, load_split, tokenize
 from distillkit.errors import DistillkitError
-from distillkit.models import check_shared_vocabulary, load_model, load_tokenizer, train_bpe_tokenizer
+from distillkit.models import (
+    check_length,
+    check_shared_vocabulary,
+    load_model,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
 from distillkit.registry import registry
 from distillkit.trainer import Trainer
 
@@ -140,6 +146,7 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
     if not (folder / "DONE").is_file():
         session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
         model = load_model(spec, session.tokenizer, role)
+        check_length(model, session.recipe.data.max_length, role)
         config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
                            training=training)
         Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
@@ -175,7 +182,9 @@ def train(
                                     "student")
     else:
         student = load_model(recipe.student, session.tokenizer, "student")
+    check_length(student, recipe.data.max_length, "student")
     if teacher is not None:
+        check_length(teacher, recipe.data.max_length, "teacher")
         check_shared_vocabulary(model_tokenizer(session, recipe.teacher), model_tokenizer(session, recipe.student))
     trainer = Trainer(config, student, session.tokenizer, session.data.train, session.data.validation, output,
                       teacher=teacher, resume=resume, console=console)

@@ -39,7 +39,7 @@ class PluginError(DistillkitError):
 
 def did_you_mean(name: str, candidates: list[str] | Any) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -125,29 +125,38 @@ class Registry:
         for _plugin, dirs in self._call_each("distillkit_register_recipe_dirs"):
             self.recipe_dirs.extend(Path(d) for d in dirs)
 
+    def _label(self, plugin_name: str) -> str:
+        """``distribution:plugin`` for entry-point plugins, else the plugin name."""
+        plugin = self.plugin_manager.get_plugin(plugin_name)
+        for registered, dist in self.plugin_manager.list_plugin_distinfo():
+            if registered is plugin:
+                return f"{dist.project_name}:{plugin_name}"
+        return plugin_name
+
     def _call_each(self, hook_name: str) -> list[tuple[str, list[Any]]]:
         """Call every implementation of a registration hook, in registration order."""
         results = []
         caller = getattr(self.plugin_manager.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
+        for impl in caller.get_hookimpls():
+            label = self._label(impl.plugin_name)
             items = impl.function()
             if items is None:
                 continue
             if not isinstance(items, (list, tuple)):
-                raise PluginError(f"plugin '{impl.plugin_name}': {hook_name} must return a list, got {items!r}")
-            results.append((impl.plugin_name, list(items)))
+                raise PluginError(f"plugin '{label}': {hook_name} must return a list, got {items!r}")
+            results.append((label, list(items)))
         return results
 
 
-def make_plugin_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:
-    """Load every plugin of the entry-point group (and ``extra_plugins``),
-    failing with a clear message on a malformed plugin."""
+def make_plugin_manager(extra_plugins: dict[str, Any] | None = None) -> pluggy.PluginManager:
+    """Load every plugin of the entry-point group (and ``extra_plugins``, by
+    name), failing with a clear message on a malformed plugin."""
     pm = pluggy.PluginManager("distillkit")
     pm.add_hookspecs(hookspecs)
     try:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        for plugin in extra_plugins:
-            pm.register(plugin)
+        for name, plugin in (extra_plugins or {}).items():
+            pm.register(plugin, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(

@@ -1,0 +1,33 @@
+# Two entry points for a newcomer: `make demo` (set up + a real distillation on the
+# tiny offline recipe + ROUGE-L of teacher, SFT student and KD student) and
+# `make test` (set up + the test suite).  Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DISTILLKIT_DATA_DIR ?= $(abspath ../shared/data)
+SEEDS ?= 10,20,30
+RUNS ?= runs/tiny
+
+.PHONY: setup demo test clean
+
+$(BIN)/distillkit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0   # the CPU wheel; keep it before the project
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/distillkit
+
+demo: setup
+	$(BIN)/distillkit train --method sft --recipe tiny --output $(RUNS)/sft --resume
+	$(BIN)/distillkit train --method kd --recipe tiny --output $(RUNS)/kd --resume
+	$(BIN)/distillkit eval --model $(RUNS)/kd/teacher --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/teacher.json
+	$(BIN)/distillkit eval --model $(RUNS)/sft --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/sft.json
+	$(BIN)/distillkit eval --model $(RUNS)/kd --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/kd.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

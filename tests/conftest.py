@@ -1,0 +1,97 @@
+"""Shared fixtures: real Dolly data from ../shared/data, a locally trained
+tokenizer, tiny models built from config, and a tiny recipe file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DISTILLKIT_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+DOLLY = SHARED_DATA / "databricks-dolly-15k" / "minillm"
+
+TINY_RECIPE = """
+description = "test recipe: 1-layer models, a few steps"
+[data]
+dataset = "dolly"
+max_prompt_length = 96
+max_length = 128
+train_limit = 96
+[tokenizer]
+train_vocab_size = 400
+[teacher]
+config = {{ model_type = "gpt2", n_layer = 1, n_embd = 48, n_head = 2, n_positions = 128 }}
+init_seed = 1
+[teacher.sft]
+max_steps = 6
+lr = 1e-2
+[student]
+config = {{ model_type = "gpt2", n_layer = 1, n_embd = 32, n_head = 2, n_positions = 128 }}
+init_seed = 2
+[training]
+max_steps = {steps}
+batch_size = 8
+micro_batch_size = 4
+lr = 1e-2
+warmup_steps = 0
+lr_schedule = "constant"
+eval_every = {eval_every}
+eval_limit = 6
+log_every = 1
+seed = 3
+[generation]
+max_new_tokens = 8
+batch_size = 6
+[eval]
+seeds = [10, 20]
+"""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_dir() -> None:
+    """Tests read the real data from ../shared/data (as CI does)."""
+    if not DOLLY.is_dir():
+        pytest.exit(f"real data not found at {SHARED_DATA}; set DISTILLKIT_DATA_DIR", returncode=4)
+    os.environ["DISTILLKIT_DATA_DIR"] = str(SHARED_DATA)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token byte-level BPE tokenizer trained on real Dolly rows."""
+    from distillkit.config import DataConfig
+    from distillkit.data import format_prompt, load_split
+    from distillkit.models import train_bpe_tokenizer
+
+    examples = load_split(DataConfig(dataset="dolly"), "validation")[:300]
+    return train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples), 300)
+
+
+def tiny_model(tokenizer, *, n_layer: int = 1, n_embd: int = 32, seed: int = 0, vocab_size: int | None = None):
+    from distillkit.config import ModelConfig
+    from distillkit.models import load_model
+
+    config = {"model_type": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": 2, "n_positions": 256}
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
+    return load_model(ModelConfig(config=config, init_seed=seed), tokenizer, "student")
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path):
+    """Write the tiny test recipe with a given step budget; returns its path."""
+
+    def write(steps: int = 6, eval_every: int = 3) -> Path:
+        path = tmp_path / "test-tiny.toml"
+        path.write_text(TINY_RECIPE.format(steps=steps, eval_every=eval_every))
+        return path
+
+    return write

@@ -1,0 +1,63 @@
+"""The command line: the exact commands scripts rely on, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from distillkit.cli import app
+from distillkit.models import save_model
+
+from .conftest import tiny_model
+
+runner = CliRunner()
+
+
+def test_methods_json_lists_builtins():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert {"sft", "kd"} <= set(rows)
+    assert rows["kd"]["plugin"] == "distillkit:kd" and rows["kd"]["description"]
+
+
+def test_recipes_json_lists_tiny():
+    result = runner.invoke(app, ["recipes", "--json"])
+    assert result.exit_code == 0
+    assert "tiny" in {row["name"] for row in json.loads(result.stdout)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "promptk", "--recipe", "tiny"], "unknown method 'promptk'"),
+        (["--method", "kd", "--recipe", "tyni"], "unknown recipe 'tyni' (did you mean 'tiny'?)"),
+        (["--method", "kd", "--recipe", "tiny", "--set", "training.lrr=1"], "did you mean 'lr'?"),
+    ],
+)
+def test_train_errors_are_one_line(args, message):
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_prints_rouge_per_seed_and_mean(tmp_path, tokenizer):
+    save_model(tiny_model(tokenizer, seed=1), tokenizer, tmp_path / "model")
+    out_file = tmp_path / "scores.json"
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "model"), "--data", "dolly", "--seeds", "10,20",
+                                 "--limit", "4", "--output", str(out_file), "--batch-size", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "mean ± std" in result.stdout
+    scores = json.loads(out_file.read_text())
+    assert scores["examples"] == 4 and set(scores["rougeL"]) == {"10", "20"}
+    assert scores["mean"] == pytest.approx(sum(scores["rougeL"].values()) / 2)
+
+
+def test_eval_errors(tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly"])
+    assert result.exit_code == 2 and "holds no model" in result.stderr
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly", "--seeds", "a,b"])
+    assert result.exit_code == 2 and "--seeds expects comma-separated integers" in result.stderr

@@ -1,0 +1,58 @@
+"""Model loading and the shared-vocabulary check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillkit.config import ModelConfig
+from distillkit.errors import DistillkitError
+from distillkit.models import check_shared_vocabulary, load_model, save_model, train_bpe_tokenizer
+
+from .conftest import tiny_model
+
+
+def test_padded_vocabulary_is_accepted_and_sliced(tokenizer):
+    padded = tiny_model(tokenizer, vocab_size=len(tokenizer) + 13)  # like OPT's 50272 rows for 50265 tokens
+    assert padded.get_output_embeddings().weight.shape[0] == len(tokenizer) + 13
+    check_shared_vocabulary(tokenizer, tokenizer)
+
+
+def test_different_tokenizers_are_refused(tokenizer):
+    other = train_bpe_tokenizer(["completely different text " * 50, "another corpus entirely"], 300)
+    with pytest.raises(DistillkitError, match="teacher and student vocabularies differ .*cross-tokenizer"):
+        check_shared_vocabulary(tokenizer, other)
+
+
+def test_tokenizer_with_equal_vocab_but_other_eos_is_refused(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    from distillkit.models import load_tokenizer
+
+    copy = load_tokenizer(str(tmp_path))
+    check_shared_vocabulary(tokenizer, copy)  # equal content, different objects: fine
+    copy.eos_token = "Ġthe"
+    with pytest.raises(DistillkitError, match="disagree on eos_token_id"):
+        check_shared_vocabulary(tokenizer, copy)
+
+
+def test_too_small_model_for_tokenizer(tokenizer):
+    with pytest.raises(DistillkitError, match="output rows but the tokenizer has"):
+        tiny_model(tokenizer, vocab_size=len(tokenizer) - 1)
+
+
+def test_model_spec_errors(tokenizer):
+    with pytest.raises(DistillkitError, match="set exactly one of 'student.path'"):
+        load_model(ModelConfig(), tokenizer, "student")
+    with pytest.raises(DistillkitError, match="needs a model_type"):
+        load_model(ModelConfig(config={"n_layer": 1}), tokenizer, "student")
+    with pytest.raises(DistillkitError, match="cannot load teacher from '/nonexistent/model'"):
+        load_model(ModelConfig(path="/nonexistent/model"), tokenizer, "teacher")
+
+
+def test_saved_model_reloads_identically(tmp_path, tokenizer):
+    model = tiny_model(tokenizer, seed=5)
+    save_model(model, tokenizer, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    again = load_model(ModelConfig(path=str(tmp_path / "m")), tokenizer, "student")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

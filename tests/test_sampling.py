@@ -1,0 +1,77 @@
+"""The sampler: left padding, KV cache, EOS handling, reproducibility."""
+
+from __future__ import annotations
+
+import torch
+
+from distillkit.sampling import SamplingSettings, sample
+
+from .conftest import tiny_model
+
+GREEDY = SamplingSettings(max_new_tokens=12, temperature=0)
+
+
+def _run(model, tokenizer, prompts, settings=GREEDY, seed=None):
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return sample(model, prompts, settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  vocab_size=len(tokenizer), generator=generator)
+
+
+def _prompts(tokenizer):
+    texts = ["### Instruction:\nName a colour.\n\n### Response:\n", "Hi", "Tell me about cats and dogs please"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_batched_left_padded_equals_one_by_one(tokenizer):
+    model = tiny_model(tokenizer, n_layer=2, seed=1)
+    prompts = _prompts(tokenizer)
+    batched = _run(model, tokenizer, prompts)
+    assert batched == [_run(model, tokenizer, [p])[0] for p in prompts]
+
+
+def test_greedy_matches_model_generate_without_cache_tricks(tokenizer):
+    model = tiny_model(tokenizer, n_layer=2, seed=1).eval()
+    prompt = _prompts(tokenizer)[0]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ours = _run(model, tokenizer, [prompt])[0]
+    reference = expected[0, len(prompt):].tolist()
+    if tokenizer.eos_token_id in reference:
+        reference = reference[: reference.index(tokenizer.eos_token_id) + 1]
+    assert ours == reference
+
+
+def test_stops_at_eos_and_keeps_it(tokenizer):
+    model = tiny_model(tokenizer, seed=3)
+    with torch.no_grad():  # make EOS the most likely token after two steps of anything
+        model.get_output_embeddings().weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+    eos = tokenizer.eos_token_id
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.full((head.weight.shape[0],), -10.0))
+    head.bias.data[eos] = 10.0
+    out = _run(model, tokenizer, _prompts(tokenizer))
+    assert out == [[eos]] * 3
+
+
+def test_sampling_is_reproducible_and_seed_dependent(tokenizer):
+    model = tiny_model(tokenizer, seed=4)
+    settings = SamplingSettings(max_new_tokens=10)
+    prompts = _prompts(tokenizer)
+    state = torch.get_rng_state()
+    first = _run(model, tokenizer, prompts, settings, seed=1)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+    assert first == _run(model, tokenizer, prompts, settings, seed=1)
+    assert first != _run(model, tokenizer, prompts, settings, seed=2)
+    assert all(len(r) <= 10 for r in first)
+
+
+def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
+    model = tiny_model(tokenizer, vocab_size=len(tokenizer) + 50, seed=5)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tokenizer):] = 0
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    head.bias.data[len(tokenizer):] = 50.0  # padded rows would win without slicing
+    out = _run(model, tokenizer, _prompts(tokenizer), SamplingSettings(max_new_tokens=8), seed=0)
+    assert max(max(r) for r in out) < len(tokenizer)
