@@ -125,7 +125,7 @@ def eval_(
     from distillkit.data import load_eval_set, tokenize
     from distillkit.evaluation import evaluate
     from distillkit.models import load_tokenizer, max_positions
-    from distillkit.sampling import SamplingSettings
+    from distillkit.sampling import settings_from
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -156,8 +156,7 @@ def eval_(
                                 max_length=data_cfg.max_length, training=False)
     except DistillkitError as error:
         _fail(error)
-    settings = SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k,
-                                generation.top_p, eval_cfg.no_repeat_ngram_size)
+    settings = settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err) as progress:
         task = progress.add_task(f"eval {data}", total=len(tokenized) * len(seed_list))

@@ -54,6 +54,9 @@ class Method:
       ``[methods.NAME]`` section; the run exposes it as ``run.options``.
     - ``student_init``: ``"pretrained"`` starts from the recipe's student,
       ``"sft"`` from its supervised fine-tuned checkpoint (prepared and cached).
+
+    A stage's optimizer uses ``training.lr`` unless the options define
+    ``<group>_lr`` (e.g. ``teacher_adapter_lr``) with a value that is not None.
     """
 
     name: str
@@ -107,15 +110,21 @@ class PseudoTargetSource(Protocol):
 class TeacherAdapter(Protocol):
     """The teacher as a run sees it.
 
-    ``logits(batch, grad=False)`` returns next-token logits of shape
-    ``(B, T-1, V)`` aligned with ``batch.labels`` (virtual prompt positions
-    already dropped).  ``trainable_parameters()`` lists what the adapter
-    trains (empty for a frozen teacher); the base teacher never trains.
+    ``logits(batch, grad=False, adapted=True)`` returns next-token logits of
+    shape ``(B, T-1, V)`` aligned with ``batch.labels`` (virtual prompt
+    positions already dropped); ``adapted=False`` gives the plain teacher.
+    ``trainable_parameters()`` lists what the adapter trains (empty for a
+    frozen teacher); the base teacher never trains.  ``sampling_inputs()``
+    gives the model to sample from and embeddings to prepend (or None).
+    Optional: ``checkpoint_modules()`` (objects with ``state_dict``) and
+    ``save(folder)`` for adapters with trainable state.
     """
 
-    def logits(self, batch: TrainBatch, *, grad: bool = False) -> torch.Tensor: ...
+    def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor: ...
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def sampling_inputs(self) -> tuple[torch.nn.Module, torch.Tensor | None]: ...
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         prompts = [examples[i].prompt_ids for i in chunk]
-        room = max_length - max(len(p) for p in prompts)
-        budget = min(settings.max_new_tokens, room) if settings.max_new_tokens > 0 else room
-        batch_settings = SamplingSettings(budget, settings.temperature, settings.top_k, settings.top_p,
-                                          settings.no_repeat_ngram_size)
-        outputs = sample(model, prompts, batch_settings, eos_token_id=tokenizer.eos_token_id,
+        outputs = sample(model, prompts, settings.within(prompts, max_length), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=generator)
         for index, output in zip(chunk, outputs):
             responses[index] = output

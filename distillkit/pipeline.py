@@ -9,10 +9,7 @@ so a second method on the same recipe reuses the teacher.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import torch
 from rich.console import Console
 
 from distillkit import __version__
+from distillkit.cache import cache_root, fingerprint
 from distillkit.config import (
     ModelConfig,
     Recipe,
@@ -44,19 +42,6 @@ from distillkit.registry import registry
 from distillkit.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "DISTILLKIT_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "distillkit")).expanduser()
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
 
 def data_identity(recipe: Recipe) -> dict[str, Any]:
     """The fields of ``[data]`` that change which training examples exist."""
@@ -186,8 +171,9 @@ def train(
     if teacher is not None:
         check_length(teacher, recipe.data.max_length, "teacher")
         check_shared_vocabulary(model_tokenizer(session, recipe.teacher), model_tokenizer(session, recipe.student))
+    teacher_id = str(teacher_dir or f"{recipe.teacher.path}:{recipe.teacher.gguf_file}")
     trainer = Trainer(config, student, session.tokenizer, session.data.train, session.data.validation, output,
-                      teacher=teacher, resume=resume, console=console)
+                      teacher=teacher, teacher_id=teacher_id, resume=resume, console=console)
     if teacher_dir is not None and trainer.accelerator.is_main_process:
         link = output / "teacher"
         if link.is_symlink() or link.exists():

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from distillkit.batch import TrainBatch
+from distillkit.batch import TokenizedExample, TrainBatch
 from distillkit.components import TeacherAdapter
 from distillkit.config import RunConfig
 from distillkit.divergences import masked_cross_entropy, masked_divergence
 from distillkit.registry import registry
+from distillkit.sampling import sample, settings_from
 
 
 @dataclass
@@ -21,6 +22,8 @@ class Run:
 
     ``step`` is k, the optimizer steps done so far (0-based), and
     ``total_steps`` is K; schedules are evaluated at (k, K).
+    ``train_examples`` is the tokenized training set (for sources that
+    pre-generate); ``teacher_id`` names the teacher checkpoint (for caches).
     """
 
     config: RunConfig
@@ -29,7 +32,8 @@ class Run:
     teacher: TeacherAdapter | None = None
     total_steps: int = 0
     step: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    train_examples: list[TokenizedExample] = field(default_factory=list)
+    teacher_id: str = ""
 
     @property
     def options(self) -> Any:
@@ -46,11 +50,12 @@ class Run:
         out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.logits[:, :-1, : self.vocab_size]
 
-    def teacher_logits(self, batch: TrainBatch, *, grad: bool = False) -> torch.Tensor:
-        """Teacher (adapter) next-token logits (B, T-1, V); no gradient unless asked."""
+    def teacher_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
+        """Teacher next-token logits (B, T-1, V); no gradient unless asked.
+        ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
         if self.teacher is None:
             raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
-        return self.teacher.logits(batch, grad=grad)[..., : self.vocab_size]
+        return self.teacher.logits(batch, grad=grad, adapted=adapted)[..., : self.vocab_size]
 
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats/token)."""
@@ -64,6 +69,18 @@ class Run:
         logits (B, T-1, V), averaged over response tokens."""
         return masked_divergence(registry().divergences[name], trainable, target, batch.label_mask,
                                  temperature=temperature, **params)
+
+    def sample(
+        self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Responses sampled from ``model`` with the recipe's ``[generation]``
+        settings, capped to ``data.max_length`` in total (no gradients)."""
+        settings = settings_from(self.config.recipe.generation).within(prompts, self.config.recipe.data.max_length)
+        tokenizer = self.tokenizer
+        return sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,
+                      prefix_embeds=prefix_embeds)
 
     def schedule(self, name: str, **params: float) -> float:
         """Registered schedule ``name`` evaluated at the current (k, K)."""

@@ -8,7 +8,8 @@ a ``torch.Generator`` makes it reproducible without touching the global RNG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -33,6 +34,13 @@ class SamplingSettings:
     top_p: float = 1.0
     no_repeat_ngram_size: int = 0
 
+    def within(self, prompts: list[list[int]], max_length: int) -> SamplingSettings:
+        """These settings with ``max_new_tokens`` capped so that the longest
+        prompt plus its response fits in ``max_length`` (0 means fill it)."""
+        room = max(max_length - max(len(p) for p in prompts), 0)
+        budget = min(self.max_new_tokens, room) if self.max_new_tokens > 0 else room
+        return replace(self, max_new_tokens=budget)
+
     def processors(self) -> LogitsProcessorList:
         processors = LogitsProcessorList()
         if self.no_repeat_ngram_size > 0:
@@ -44,6 +52,12 @@ class SamplingSettings:
         if self.top_p < 1.0:
             processors.append(TopPLogitsWarper(self.top_p))
         return processors
+
+
+def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0) -> SamplingSettings:
+    """Sampling settings of a recipe's ``[generation]`` section."""
+    return SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k, generation.top_p,
+                            no_repeat_ngram_size)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,12 +74,15 @@ def sample(
     pad_token_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    prefix_embeds: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Sample one response per prompt.
 
     Returns the response token ids of each prompt, through the first EOS
     (kept) or cut at ``max_new_tokens``.  ``vocab_size`` (the tokenizer's
-    size) masks padded rows of the output matrix.
+    size) masks padded rows of the output matrix.  ``prefix_embeds`` (m, d),
+    e.g. a soft prompt, is prepended to every prompt as input embeddings
+    (positions 0..m-1, as in training).
     """
     was_training = model.training
     model.eval()
@@ -75,8 +92,14 @@ def sample(
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = input_ids
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                use_cache=True)
+    if prefix_embeds is None:
+        inputs = {"input_ids": input_ids}
+    else:
+        embeds = model.get_input_embeddings()(input_ids)
+        prefix = prefix_embeds.to(device=device, dtype=embeds.dtype).expand(batch, -1, -1)
+        inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
+        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.shape[1])), attention_mask], dim=1)
+    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True)
     for _ in range(settings.max_new_tokens):
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
         if settings.temperature == 0:

@@ -1,13 +1,25 @@
-"""Built-in teacher adapters: how a run uses the teacher model."""
+"""Built-in teacher adapters: how a run uses the teacher model.
+
+Every adapter keeps the teacher's own weights frozen; ``adapted=False``
+gives the plain (prompt-free / adapter-free) teacher, which PromptKD's
+regulariser needs.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+from safetensors.torch import save_file
 
 from distillkit import hookimpl
 from distillkit.batch import TrainBatch
 from distillkit.components import TeacherAdapterFactory
+from distillkit.errors import DistillkitError
 from distillkit.run import Run
+
+PROMPT_INIT_TEXT = "Suppose you are a student."
 
 
 class FrozenTeacher:
@@ -16,7 +28,7 @@ class FrozenTeacher:
     def __init__(self, model: torch.nn.Module, run: Run) -> None:
         self.model = model.eval().requires_grad_(False)
 
-    def logits(self, batch: TrainBatch, *, grad: bool = False) -> torch.Tensor:
+    def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         """(B, T-1, V) next-token logits on the same ids and mask as the student."""
         with torch.set_grad_enabled(grad):
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -25,7 +37,136 @@ class FrozenTeacher:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return []
 
+    def sampling_inputs(self) -> tuple[torch.nn.Module, torch.Tensor | None]:
+        """The model to sample from and the embeddings to prepend, if any."""
+        return self.model, None
+
+
+class SoftPrompt(torch.nn.Module):
+    """m trainable vectors (m, d) in fp32, prepended to the teacher's input embeddings."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(initial.detach().clone().float())
+
+
+def initial_prompt(model: torch.nn.Module, tokenizer: Any, length: int, init: str, text: str) -> torch.Tensor:
+    """(length, d) initial soft prompt (PromptKD appendix D).
+
+    ``text``: embeddings of ``text``'s tokens, truncated to ``length`` or
+    cycled from the beginning when shorter; ``padding``: the pad token's
+    embedding everywhere; ``random``: Gaussian with the embedding matrix's std.
+    """
+    embeddings = model.get_input_embeddings().weight.detach()
+    if init == "text":
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DistillkitError("the soft-prompt init text tokenizes to nothing; set a non-empty prompt_init_text")
+        return embeddings[[ids[i % len(ids)] for i in range(length)]]
+    if init == "padding":
+        return embeddings[[tokenizer.pad_token_id] * length]
+    if init == "random":
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn((length, embeddings.shape[1]), generator=generator).to(embeddings) * embeddings.float().std()
+    raise DistillkitError(f"unknown soft-prompt init '{init}'; use 'text', 'padding' or 'random'")
+
+
+class SoftPromptTeacher(FrozenTeacher):
+    """The frozen teacher with a trainable soft prompt P (PromptKD).
+
+    The prompt takes positions 0..m-1; logits at those positions are dropped
+    so the result aligns with the student's.  With ``train_mode_for_grad``
+    the teacher runs in train mode (dropout on) for gradient-carrying passes,
+    as in the original code; targets are computed in eval mode.
+    """
+
+    def __init__(self, model: torch.nn.Module, run: Run, *, length: int = 7, init: str = "text",
+                 init_text: str = PROMPT_INIT_TEXT, train_mode_for_grad: bool = True) -> None:
+        super().__init__(model, run)
+        if length < 1:
+            raise DistillkitError(f"the soft prompt needs at least one token, got length {length}")
+        self.prompt = SoftPrompt(initial_prompt(model, run.tokenizer, length, init, init_text))
+        self.train_mode_for_grad = train_mode_for_grad
+
+    def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
+        if not adapted:
+            return super().logits(batch)
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        batch_size, length = batch.input_ids.shape[0], self.prompt.weight.shape[0]
+        prefix = self.prompt.weight.to(embeds.dtype).expand(batch_size, -1, -1)
+        mask = torch.cat([batch.attention_mask.new_ones((batch_size, length)), batch.attention_mask], dim=1)
+        self.model.train(grad and self.train_mode_for_grad)
+        try:
+            with torch.set_grad_enabled(grad):
+                out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), attention_mask=mask)
+        finally:
+            self.model.eval()
+        return out.logits[:, length:-1]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.prompt.weight]
+
+    def checkpoint_modules(self) -> list[torch.nn.Module]:
+        return [self.prompt]
+
+    def sampling_inputs(self) -> tuple[torch.nn.Module, torch.Tensor | None]:
+        return self.model, self.prompt.weight.detach()
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"prompt": self.prompt.weight.detach().cpu().contiguous()}, folder / "soft_prompt.safetensors")
+
+
+class _LoraState:
+    """Checkpoints only the LoRA weights of a peft model."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
+
+
+class LoraTeacher(FrozenTeacher):
+    """The frozen teacher with trainable LoRA matrices (PromptKD's ablation, via peft)."""
+
+    def __init__(self, model: torch.nn.Module, run: Run, *, rank: int = 8, alpha: int = 16,
+                 dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            task_type="CAUSAL_LM")
+        super().__init__(model, run)
+        self.model = get_peft_model(model, config)
+        self.model.eval()
+
+    def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
+        if adapted:
+            return super().logits(batch, grad=grad)
+        with self.model.disable_adapter():
+            return super().logits(batch)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def checkpoint_modules(self) -> list[Any]:
+        return [_LoraState(self.model)]
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
 
 @hookimpl
 def distillkit_register_teacher_adapters() -> list[TeacherAdapterFactory]:
-    return [TeacherAdapterFactory("frozen", "the teacher as loaded, without gradients", FrozenTeacher)]
+    return [
+        TeacherAdapterFactory("frozen", "the teacher as loaded, without gradients", FrozenTeacher),
+        TeacherAdapterFactory("soft_prompt", "frozen teacher + trainable soft prompt (PromptKD)", SoftPromptTeacher),
+        TeacherAdapterFactory("lora", "frozen teacher + trainable LoRA (peft)", LoraTeacher),
+    ]

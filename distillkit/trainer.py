@@ -37,7 +37,7 @@ from distillkit.evaluation import evaluate
 from distillkit.models import save_model
 from distillkit.registry import registry
 from distillkit.run import Run
-from distillkit.sampling import SamplingSettings
+from distillkit.sampling import settings_from
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Trainer:
         output_dir: Path,
         *,
         teacher: torch.nn.Module | None = None,
+        teacher_id: str = "",
         resume: bool = False,
         console: Console | None = None,
     ) -> None:
@@ -113,8 +114,8 @@ class Trainer:
         set_seed(self.training.seed)
         self.state = TrainerState()
         self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
-        self.run = Run(config, student, tokenizer,
-                       total_steps=total_steps(self.training, len(train_examples)))
+        self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
+                       train_examples=train_examples, teacher_id=teacher_id)
         if self.method.teacher is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
@@ -214,6 +215,9 @@ class Trainer:
                     key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
                     logs[key] = logs.get(key, 0.0) + float(value.detach()) * weight
             optimizer = self.optimizers[stage.trains]
+            if stage.trains != "student" and self.accelerator.num_processes > 1:
+                for param in self._parameters(stage.trains):  # not DDP-wrapped: average by hand
+                    param.grad = self.accelerator.reduce(param.grad, "mean")
             if self.training.max_grad_norm > 0:
                 norm = self.accelerator.clip_grad_norm_(self._parameters(stage.trains), self.training.max_grad_norm)
                 logs[f"grad_norm/{stage.trains}"] = float(norm)
@@ -276,8 +280,7 @@ class Trainer:
         if not self.validation_examples:
             return
         generation = self.config.recipe.generation
-        settings = SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k,
-                                    generation.top_p)
+        settings = settings_from(generation)
         task = progress.add_task("validation", total=len(self.validation_examples), status="")
         result = evaluate(self.accelerator.unwrap_model(self.run.student), self.tokenizer, self.validation_examples,
                           settings, seeds=[self.training.seed], batch_size=generation.batch_size,

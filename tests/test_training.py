@@ -25,7 +25,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["sft", "kd"])
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "gkd", "promptkd"])
 def test_method_trains_with_falling_loss(method, recipe_file, tmp_path):
     best = train(method, str(recipe_file(steps=10, eval_every=5)), output=tmp_path / method)
     losses = _losses(tmp_path / method)
@@ -39,7 +39,7 @@ def test_method_trains_with_falling_loss(method, recipe_file, tmp_path):
 
 def test_every_registered_method_trains(recipe_file, tmp_path):
     """Guards that a newly registered built-in method gets end-to-end coverage."""
-    covered = {"sft", "kd"}
+    covered = {"sft", "kd", "seqkd", "gkd", "promptkd"}
     builtin = {n for n in registry().methods.names() if registry().methods.entry(n).plugin.startswith("distillkit:")}
     assert builtin <= covered, f"add {sorted(builtin - covered)} to test_method_trains_with_falling_loss"
 

@@ -1,0 +1,28 @@
+"""SeqKD (Kim & Rush 2016), as run in the MiniLLM/PromptKD baselines: KD on
+teacher-generated responses y^ instead of the dataset's y*.
+
+    offline: y^ ~ p(.|x) once per training prompt (seeded, cached on disk)
+    L = (1 - kd_ratio) * CE(y^) + kd_ratio * mean_t KL(p_t || q_t)   on [x ‖ y^]
+
+``kd_ratio = 0`` is classic SeqKD (hard targets only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distillkit import hookimpl
+from distillkit.components import Method, Stage
+from distillkit.plugins.kd import KDOptions, kd_loss
+
+
+@dataclass(frozen=True)
+class SeqKDOptions(KDOptions):
+    generation_seed: int = 10
+
+
+@hookimpl
+def distillkit_register_methods() -> list[Method]:
+    return [Method(name="seqkd", description="KD on teacher-generated responses (generated once, cached)",
+                   stages=(Stage("student", kd_loss),), source="teacher_cache", teacher="frozen",
+                   options=SeqKDOptions, source_options=lambda o: {"seed": o.generation_seed})]
