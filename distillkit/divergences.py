@@ -32,7 +32,10 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     Terms where either log-probability is -inf are zero (0 * -inf is not NaN).
     """
     finite = torch.isfinite(logp) & torch.isfinite(logq)
-    terms = torch.where(finite, logp.exp() * (logp - logq), torch.zeros_like(logp))
+    # Zero the inputs too: backward goes through both branches of where(), and
+    # 0 * inf there would turn the whole row's gradient into NaN.
+    logp, logq = torch.where(finite, logp, 0.0), torch.where(finite, logq, 0.0)
+    terms = torch.where(finite, logp.exp() * (logp - logq), 0.0)
     return terms.sum(-1)
 
 
@@ -48,6 +51,10 @@ def reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch
 
 def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(weight_p * P + (1 - weight_p) * Q), computed with logsumexp."""
+    if not 0.0 <= weight_p <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {weight_p}")
+    if weight_p in (0.0, 1.0):
+        return logp if weight_p == 1.0 else logq
     stacked = torch.stack([logp + math.log(weight_p), logq + math.log1p(-weight_p)])
     return torch.logsumexp(stacked, dim=0)
 
@@ -90,7 +97,7 @@ def chunked_token_sum(
     Each chunk runs under activation checkpointing when gradients are needed,
     so only the chunk inputs are kept for backward.
     """
-    total = rows[0].new_zeros((), dtype=torch.float32)
+    total = rows[0].sum().float() * 0.0  # keeps a grad_fn even when there are no rows
     needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
     for start in range(0, rows[0].shape[0], chunk_size):
         chunk = tuple(r[start : start + chunk_size] for r in rows)

@@ -3,7 +3,6 @@ done (0-based) and K the total optimizer steps of the run."""
 
 from __future__ import annotations
 
-import bisect
 import math
 
 from distillkit import hookimpl
@@ -31,8 +30,12 @@ def cosine(k: int, total: int, start: float = 1.0, end: float = 0.0) -> float:
 
 def step(k: int, total: int, start: float = 1.0, factor: float = 0.5, every: float = 0.25) -> float:
     """``start * factor ** n`` after n completed intervals of ``every`` (a fraction of K)."""
-    boundaries = [i * every for i in range(1, math.ceil(1.0 / every))] if every > 0 else []
-    return start * factor ** bisect.bisect_right(boundaries, _progress(k, total))
+    if not 0.0 < every <= 1.0:
+        raise ValueError(f"step schedule needs 0 < every <= 1, got {every}")
+    # round() absorbs float error at the boundaries (3 * 0.1 > 0.3)
+    completed = math.floor(round(_progress(k, total) / every, 9))
+    last = math.ceil(round(1.0 / every, 9)) - 1
+    return start * factor ** min(completed, last)
 
 
 BUILTIN_SCHEDULES = [

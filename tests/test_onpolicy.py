@@ -1,0 +1,191 @@
+"""Teacher adapters, pseudo-target sources and PromptKD's invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillkit.batch import TokenizedExample, collate
+from distillkit.components import InstructionExample
+from distillkit.config import ModelConfig, load_recipe, resolve_run
+from distillkit.errors import DistillkitError
+from distillkit.models import load_model, load_tokenizer
+from distillkit.pipeline import train
+from distillkit.registry import registry
+from distillkit.run import Run
+from distillkit.sampling import SamplingSettings, sample
+from distillkit.teachers import FrozenTeacher, LoraTeacher, SoftPromptTeacher, initial_prompt
+
+from .conftest import tiny_model
+
+
+def _run(recipe_file, tokenizer, method="promptkd", overrides=(), examples=()):
+    config = resolve_run(load_recipe(str(recipe_file()), list(overrides)), method)
+    return Run(config, tiny_model(tokenizer, seed=7), tokenizer, total_steps=10, train_examples=list(examples),
+               teacher_id="test-teacher")
+
+
+def _examples(tokenizer, texts=("Name a colour.", "Say hi", "Tell me about cats")):
+    out = []
+    for text in texts:
+        prompt = tokenizer(f"### Instruction:\n{text}\n\n### Response:\n")["input_ids"]
+        response = tokenizer("A short answer.")["input_ids"] + [tokenizer.eos_token_id]
+        out.append(TokenizedExample(prompt, response, InstructionExample(text, "", ("A short answer.",))))
+    return out
+
+
+def _batch(tokenizer, examples):
+    return collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], tokenizer.pad_token_id)
+
+
+def test_text_init_cycles_or_truncates_the_text_tokens(tokenizer):
+    model = tiny_model(tokenizer, seed=1)
+    ids = tokenizer("Suppose you are a student.", add_special_tokens=False)["input_ids"]
+    table = model.get_input_embeddings().weight
+    for length in (3, len(ids), len(ids) + 4):
+        prompt = initial_prompt(model, tokenizer, length, "text", "Suppose you are a student.")
+        expected = torch.stack([table[ids[i % len(ids)]] for i in range(length)])
+        assert torch.equal(prompt, expected.detach())
+    padding = initial_prompt(model, tokenizer, 5, "padding", "")
+    assert torch.equal(padding, table[[tokenizer.pad_token_id] * 5].detach())
+    assert initial_prompt(model, tokenizer, 5, "random", "").shape == (5, table.shape[1])
+    with pytest.raises(DistillkitError, match="unknown soft-prompt init 'zeros'"):
+        initial_prompt(model, tokenizer, 5, "zeros", "")
+
+
+def test_soft_prompt_gradients_reach_only_the_prompt(recipe_file, tokenizer):
+    run = _run(recipe_file, tokenizer)
+    teacher_model = tiny_model(tokenizer, n_layer=2, seed=3)
+    adapter = SoftPromptTeacher(teacher_model, run, length=4)
+    batch = _batch(tokenizer, _examples(tokenizer))
+    logits = adapter.logits(batch, grad=True)
+    assert logits.shape == (3, batch.input_ids.shape[1] - 1, teacher_model.config.vocab_size)
+    logits.sum().backward()
+    assert adapter.prompt.weight.grad is not None and adapter.prompt.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in teacher_model.parameters())
+    assert not teacher_model.training  # back in eval mode after the grad pass
+    plain = FrozenTeacher(teacher_model, run).logits(batch)
+    assert torch.equal(adapter.logits(batch, adapted=False), plain)
+    assert not torch.allclose(adapter.logits(batch), plain)  # the prompt changes the distribution
+
+
+def test_sampler_prefix_matches_a_manual_prompted_forward(tokenizer):
+    model = tiny_model(tokenizer, n_layer=2, seed=3).eval()
+    prefix = torch.randn(4, model.config.n_embd)
+    prompts = [e.prompt_ids for e in _examples(tokenizer)]
+    ours = sample(model, prompts, SamplingSettings(max_new_tokens=5, temperature=0), eos_token_id=-1,
+                  pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), prefix_embeds=prefix)
+    for prompt, response in zip(prompts, ours):
+        ids = list(prompt)
+        for token in response:  # greedy decoding without cache, prompt embeddings prepended
+            embeds = torch.cat([prefix[None], model.get_input_embeddings()(torch.tensor([ids]))], dim=1)
+            with torch.no_grad():
+                expected = model(inputs_embeds=embeds).logits[0, -1, : len(tokenizer)].argmax().item()
+            assert token == expected
+            ids.append(token)
+
+
+def test_lora_trains_only_adapter_and_keeps_base(recipe_file, tokenizer):
+    run = _run(recipe_file, tokenizer)
+    teacher_model = tiny_model(tokenizer, n_layer=2, seed=3)
+    base = [(p, p.detach().clone()) for p in teacher_model.parameters()]  # peft wraps these same tensors
+    adapter = LoraTeacher(teacher_model, run, rank=4, alpha=8)
+    params = adapter.trainable_parameters()
+    assert params and all("lora" in name for name, p in adapter.model.named_parameters() if p.requires_grad)
+    batch = _batch(tokenizer, _examples(tokenizer))
+    assert torch.allclose(adapter.logits(batch), adapter.logits(batch, adapted=False))  # LoRA B starts at zero
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    adapter.logits(batch, grad=True).logsumexp(-1).mean().backward()
+    optimizer.step()
+    assert not torch.allclose(adapter.logits(batch), adapter.logits(batch, adapted=False))
+    assert all(torch.equal(param, before) for param, before in base)
+
+
+def test_student_source_masks_sampled_response_only(recipe_file, tokenizer):
+    examples = _examples(tokenizer)
+    run = _run(recipe_file, tokenizer)
+    torch.manual_seed(0)
+    batch = registry().sources["student"].build(run)(examples)
+    for row, example in enumerate(examples):
+        start = len(example.prompt_ids)
+        assert not batch.response_mask[row, :start].any()
+        assert torch.equal(batch.input_ids[row, :start], torch.tensor(example.prompt_ids))
+        sampled = batch.input_ids[row, batch.response_mask[row]].tolist()
+        assert 0 < len(sampled) <= run.config.recipe.generation.max_new_tokens
+        assert tokenizer.eos_token_id not in sampled[:-1]  # nothing kept after the first EOS
+
+
+@pytest.mark.parametrize(("fraction", "expect_dataset"), [(0.0, True), (1.0, False)])
+def test_mixture_follows_its_probability(recipe_file, tokenizer, fraction, expect_dataset):
+    examples = _examples(tokenizer)
+    run = _run(recipe_file, tokenizer)
+    source = registry().sources["mixture"].build(run, fraction=fraction)
+    dataset = _batch(tokenizer, examples)
+    outcomes = [torch.equal(source(examples).input_ids, dataset.input_ids) for _ in range(4)]
+    assert all(outcomes) if expect_dataset else not any(outcomes)
+
+
+def test_teacher_generations_are_cached_and_reused(recipe_file, tokenizer, monkeypatch):
+    examples = _examples(tokenizer)
+    run = _run(recipe_file, tokenizer, method="seqkd", examples=examples)
+    run.teacher = FrozenTeacher(tiny_model(tokenizer, seed=9), run)
+    calls = []
+    original = Run.sample
+    monkeypatch.setattr(Run, "sample", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    first = registry().sources["teacher_cache"].build(run, seed=10)(examples)
+    generated = len(calls)
+    assert generated >= 1
+    second = registry().sources["teacher_cache"].build(run, seed=10)(examples)
+    assert len(calls) == generated  # read back from disk, not regenerated
+    assert torch.equal(first.input_ids, second.input_ids)
+    registry().sources["teacher_cache"].build(run, seed=11)
+    assert len(calls) > generated  # another seed is another cache entry
+
+
+def test_promptkd_changes_prompt_never_teacher_and_resumes_exactly(recipe_file, tmp_path, monkeypatch):
+    from distillkit.trainer import Trainer
+
+    recipe = str(recipe_file(steps=4, eval_every=2))
+    train("promptkd", recipe, output=tmp_path / "straight")
+    teacher_dir = (tmp_path / "straight" / "teacher").resolve()
+    teacher_before = load_file(teacher_dir / "model.safetensors")
+    prompt = load_file(tmp_path / "straight" / "best" / "teacher_adapter" / "soft_prompt.safetensors")["prompt"]
+    assert prompt.shape[0] == 7
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert {"teacher_adapter/l_kd", "teacher_adapter/l_reg", "student/loss"} <= set(records[0])
+    c_k = [r["teacher_adapter/c_k"] for r in records if "teacher_adapter/c_k" in r]
+    assert c_k == [1.0, 0.75, 0.5, 0.25]  # (K - k) / K with K = 4
+
+    original = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train("promptkd", recipe, output=tmp_path / "killed")
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train("promptkd", recipe, output=tmp_path / "killed", resume=True)
+
+    final = "checkpoints/step-0000004"
+    for name in ("model.safetensors",):
+        a, b = load_file(tmp_path / "straight" / final / name), load_file(tmp_path / "killed" / final / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    prompt_files = sorted(p.name for p in (tmp_path / "straight" / final).iterdir() if "custom_checkpoint" in p.name)
+    assert prompt_files, "the soft prompt must be part of the checkpoint"
+    for name in prompt_files:
+        a = torch.load(tmp_path / "straight" / final / name, weights_only=True)
+        b = torch.load(tmp_path / "killed" / final / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    teacher_after = load_file(teacher_dir / "model.safetensors")
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    teacher = load_model(ModelConfig(path=str(teacher_dir)), load_tokenizer(str(teacher_dir)), "teacher")
+    start = initial_prompt(teacher, load_tokenizer(str(teacher_dir)), 7, "text", "Suppose you are a student.")
+    assert not torch.allclose(prompt, start)  # the prompt trained
