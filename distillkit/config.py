@@ -81,6 +81,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 10
+    group_by_length: bool = False
     eval_every: int = 0
     eval_limit: int = 200
     select_by: Literal["rougeL", "loss"] = "rougeL"

@@ -114,6 +114,8 @@ class Trainer:
         set_seed(self.training.seed)
         self.state = TrainerState()
         self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
+        self._order: list[int] = []
+        self._order_epoch: int | None = None
         self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
                        train_examples=train_examples, teacher_id=teacher_id)
         if self.method.teacher is not None:
@@ -181,14 +183,31 @@ class Trainer:
 
     # --- data --------------------------------------------------------------
 
-    def examples_for_step(self, step: int) -> list[TokenizedExample]:
-        """The examples of optimizer step ``step``: a fixed permutation per
-        epoch (seeded by training seed and epoch), so resume is exact."""
-        epoch, index = divmod(step, self.steps_per_epoch)
+    def epoch_order(self, epoch: int) -> list[int]:
+        """A fixed permutation per epoch (seeded by training seed and epoch), so
+        resume is exact.  With ``group_by_length``, windows of 64 batches are
+        sorted by length and their batches shuffled, which cuts padding."""
         generator = torch.Generator().manual_seed(self.training.seed * 100_003 + epoch)
         order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+        if not self.training.group_by_length:
+            return order
+        size, window = self.training.batch_size, self.training.batch_size * 64
+        grouped = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(self.train_examples[i].prompt_ids)
+                           + len(self.train_examples[i].response_ids))
+            batches = [chunk[i : i + size] for i in range(0, len(chunk), size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped.extend(batches[b])
+        return grouped
+
+    def examples_for_step(self, step: int) -> list[TokenizedExample]:
+        """The examples of optimizer step ``step``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
         size = self.training.batch_size
-        return [self.train_examples[i] for i in order[index * size : (index + 1) * size]]
+        return [self.train_examples[i] for i in self._order[index * size : (index + 1) * size]]
 
     def micro_batches(self, examples: list[TokenizedExample]) -> list[TrainBatch]:
         size = self.training.micro_batch_size

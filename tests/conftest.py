@@ -42,6 +42,7 @@ eval_every = {eval_every}
 eval_limit = 6
 log_every = 1
 seed = 3
+group_by_length = true
 [generation]
 max_new_tokens = 8
 batch_size = 6
