@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -97,16 +97,6 @@ def train(
         _fail(error)
 
 
-def _eval_settings(model_dir: Path) -> dict[str, Any]:
-    """Data lengths and sampling settings of the run that produced the model,
-    when its ``run.json`` is next to it (else the paper's defaults)."""
-    for folder in (model_dir, model_dir.parent):
-        manifest = folder / "run.json"
-        if manifest.is_file():
-            return json.loads(manifest.read_text())["recipe"]
-    return {}
-
-
 @app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Option(help="model folder, or a run folder (its best checkpoint is used)")],
@@ -118,62 +108,32 @@ def eval_(
 ) -> None:
     """Generate responses and report ROUGE-L per seed and the mean."""
     _setup_logging()
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
-    from distillkit.data import load_eval_set, tokenize
-    from distillkit.evaluation import evaluate
-    from distillkit.models import load_tokenizer, max_positions
-    from distillkit.sampling import settings_from
+    from distillkit.evaluation import evaluate_model_dir
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         _fail(DistillkitError(f"--seeds expects comma-separated integers, got '{seeds}'"))
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        if (model / "best").is_dir():
-            model = model / "best"
-        if not (model / "config.json").is_file():
-            raise DistillkitError(f"{model} holds no model (config.json missing); pass a model or run folder")
-        recipe = _eval_settings(model)
-        data_cfg = build(DataConfig, recipe.get("data", {}), "data")
-        generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
-        eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
-        tokenizer = load_tokenizer(str(model))
-        network = AutoModelForCausalLM.from_pretrained(model)
-        network.to("cuda" if torch.cuda.is_available() else "cpu")
-        limit_positions = max_positions(network)
-        if limit_positions is not None and limit_positions < data_cfg.max_length:
-            err.print(f"note: the model takes {limit_positions} positions; max_length {data_cfg.max_length} -> "
-                      f"{limit_positions}")
-            data_cfg.max_length = limit_positions
-            data_cfg.max_prompt_length = min(data_cfg.max_prompt_length, limit_positions // 2)
-        examples = load_eval_set(data)
-        if limit:
-            examples = examples[:limit]
-        tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=data_cfg.max_prompt_length,
-                                max_length=data_cfg.max_length, training=False)
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task(f"eval {data}", total=None)
+
+            def advance(n: int, total: int) -> None:
+                progress.update(task, total=total, advance=n)
+
+            report = evaluate_model_dir(model, data, seeds=seed_list, limit=limit, batch_size=batch_size,
+                                        progress=advance, notice=err.print)
     except DistillkitError as error:
         _fail(error)
-    settings = settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task(f"eval {data}", total=len(tokenized) * len(seed_list))
-        result = evaluate(network, tokenizer, tokenized, settings, seeds=seed_list,
-                          batch_size=batch_size or generation.batch_size, max_length=data_cfg.max_length,
-                          progress=lambda n: progress.advance(task, n))
-    table = Table("seed", "ROUGE-L", title=f"{model} on {data} ({len(tokenized)} examples)")
-    for seed, score in result.per_seed.items():
-        table.add_row(str(seed), f"{score:.2f}")
-    table.add_row("mean ± std", f"{result.mean:.2f} ± {result.std:.2f}", style="bold")
+    table = Table("seed", "ROUGE-L", title=f"{report['model']} on {data} ({report['examples']} examples)")
+    for seed, score in report["rougeL"].items():
+        table.add_row(seed, f"{score:.2f}")
+    table.add_row("mean ± std", f"{report['mean']:.2f} ± {report['std']:.2f}", style="bold")
     out.print(table)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"model": str(model), "data": data, "examples": len(tokenized),
-                                      "rougeL": {str(k): v for k, v in result.per_seed.items()},
-                                      "mean": result.mean, "std": result.std,
-                                      "generated_tokens": result.generated_tokens}, indent=2) + "\n")
+        output.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from distillkit.errors import DistillkitError
 from distillkit.registry import did_you_mean, registry

@@ -15,7 +15,7 @@ Names follow the trainable/target roles: ``forward_kl`` is KL(P || Q),
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint

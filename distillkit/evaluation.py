@@ -4,16 +4,19 @@ max over references) x 100, average over examples, then over seeds."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from rouge_score import rouge_scorer
 
 from distillkit.batch import TokenizedExample
-from distillkit.sampling import SamplingSettings, sample
+from distillkit.errors import DistillkitError
+from distillkit.sampling import SamplingSettings, sample, settings_from
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -90,3 +93,61 @@ def evaluate(
         result.generated_tokens += sum(len(o) for o in outputs)
         result.samples[seed] = texts
     return result
+
+
+def _run_settings(model_dir: Path) -> dict[str, Any]:
+    """The recipe of the run that produced the model, from the ``run.json``
+    next to it (else the defaults: the paper's lengths and sampling)."""
+    for folder in (model_dir, model_dir.parent):
+        manifest = folder / "run.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text())["recipe"]
+    return {}
+
+
+def evaluate_model_dir(
+    model_dir: Path,
+    data: str,
+    *,
+    seeds: list[int],
+    limit: int = 0,
+    batch_size: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    notice: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``distillkit eval``: ROUGE-L of a saved model (or a run's best
+    checkpoint) on a registered dataset's test split or a data file, with the
+    lengths and sampling settings of the run that produced it.  Returns a
+    JSON-ready report (per-seed scores, mean, std, generated tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
+    from distillkit.data import load_eval_set, tokenize
+    from distillkit.models import load_tokenizer, max_positions
+
+    if (model_dir / "best").is_dir():
+        model_dir = model_dir / "best"
+    if not (model_dir / "config.json").is_file():
+        raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
+    recipe = _run_settings(model_dir)
+    data_cfg = build(DataConfig, recipe.get("data", {}), "data")
+    generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
+    eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    positions = max_positions(model)
+    if positions is not None and positions < data_cfg.max_length:
+        notice(f"note: the model takes {positions} positions; max_length {data_cfg.max_length} -> {positions}")
+        data_cfg.max_length = positions
+        data_cfg.max_prompt_length = min(data_cfg.max_prompt_length, positions // 2)
+    examples = load_eval_set(data)[: limit or None]
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=data_cfg.max_prompt_length,
+                            max_length=data_cfg.max_length, training=False)
+    total = len(tokenized) * len(seeds)
+    result = evaluate(model, tokenizer, tokenized, settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
+                      seeds=seeds, batch_size=batch_size or generation.batch_size, max_length=data_cfg.max_length,
+                      progress=None if progress is None else (lambda n: progress(n, total)))
+    return {"model": str(model_dir), "data": data, "examples": len(tokenized),
+            "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
+            "generated_tokens": result.generated_tokens}

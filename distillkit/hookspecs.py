@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from distillkit.components import (
-        DatasetSpec,
         DataFormat,
+        DatasetSpec,
         Divergence,
         Method,
         Schedule,

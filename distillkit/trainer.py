@@ -293,7 +293,7 @@ class Trainer:
             batch = batch.to(self.accelerator.device)
             losses.append(float(self.run.cross_entropy(self.run.student_logits(batch), batch)))
             weights.append(batch.num_response_tokens)
-        return sum(l * w for l, w in zip(losses, weights)) / max(sum(weights), 1)
+        return sum(loss * w for loss, w in zip(losses, weights)) / max(sum(weights), 1)
 
     def _evaluate_and_select(self, progress: Progress) -> None:
         if not self.validation_examples:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distillkit.plugins.kd import KDOptions, kd_loss
+
 from distillkit import hookimpl
 from distillkit.components import Method, Stage
-from distillkit.plugins.kd import KDOptions, kd_loss
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,8 @@ def test_bf16_inputs_give_fp32_result(name):
 def test_masked_positions_do_not_influence_the_result():
     a, b, mask = logits_and_mask(seed=3)
     for name, params in CASES:
-        run = lambda x, y: masked_divergence(DIVS[name], x, y, mask, chunk_size=3, **params)  # noqa: E731
+        run = lambda x, y, name=name, params=params: masked_divergence(  # noqa: E731
+            DIVS[name], x, y, mask, chunk_size=3, **params)
         v1, ga1, gb1 = value_and_grads(run, a, b)
         noise = torch.randn(a.shape) * 5 * (~mask).unsqueeze(-1)
         v2, ga2, gb2 = value_and_grads(run, a + noise, b - noise)
