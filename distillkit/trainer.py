@@ -126,6 +126,7 @@ class Trainer:
             self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_options(config.options))
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
         self._setup_optimizers(student)
+        self._report_parameters()
         self._resume_or_start(resume)
 
     # --- setup -------------------------------------------------------------
@@ -154,6 +155,16 @@ class Trainer:
         extra_modules = getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
         for module in extra_modules:
             self.accelerator.register_for_checkpointing(module)
+
+    def _report_parameters(self) -> None:
+        """Log what trains, e.g. ``teacher_adapter: 1,792 (7 x 256)`` for a soft prompt."""
+        parts = []
+        for group in self.optimizers:
+            params = self._parameters(group)
+            count = sum(p.numel() for p in params)
+            shapes = " + ".join(" x ".join(map(str, p.shape)) for p in params) if len(params) <= 2 else ""
+            parts.append(f"{group}: {count:,}" + (f" ({shapes})" if shapes else ""))
+        log.info("method %s, trainable parameters: %s", self.method.name, "; ".join(parts))
 
     @property
     def checkpoint_dir(self) -> Path:
