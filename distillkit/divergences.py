@@ -31,6 +31,9 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
     Terms where either log-probability is -inf are zero (0 * -inf is not NaN).
     """
+    plain = (logp.exp() * (logp - logq)).sum(-1)
+    if bool(torch.isfinite(plain).all()):  # no -inf anywhere in this chunk: the fast path
+        return plain
     finite = torch.isfinite(logp) & torch.isfinite(logq)
     # Zero the inputs too: backward goes through both branches of where(), and
     # 0 * inf there would turn the whole row's gradient into NaN.
@@ -55,8 +58,7 @@ def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> tor
         raise ValueError(f"mixture weight must be in [0, 1], got {weight_p}")
     if weight_p in (0.0, 1.0):
         return logp if weight_p == 1.0 else logq
-    stacked = torch.stack([logp + math.log(weight_p), logq + math.log1p(-weight_p)])
-    return torch.logsumexp(stacked, dim=0)
+    return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
 
 
 def generalized_jsd(trainable_logp: torch.Tensor, target_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
@@ -97,7 +99,7 @@ def chunked_token_sum(
     Each chunk runs under activation checkpointing when gradients are needed,
     so only the chunk inputs are kept for backward.
     """
-    total = rows[0].sum().float() * 0.0  # keeps a grad_fn even when there are no rows
+    total = rows[0][:0].float().sum()  # 0.0 that keeps a grad_fn even when there are no rows
     needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
     for start in range(0, rows[0].shape[0], chunk_size):
         chunk = tuple(r[start : start + chunk_size] for r in rows)

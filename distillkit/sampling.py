@@ -99,8 +99,9 @@ def sample(
         prefix = prefix_embeds.to(device=device, dtype=embeds.dtype).expand(batch, -1, -1)
         inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
         attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.shape[1])), attention_mask], dim=1)
-    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True)
-    for _ in range(settings.max_new_tokens):
+    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True,
+                logits_to_keep=1)  # the prefill needs the last position's logits only
+    for step in range(settings.max_new_tokens):
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
         if settings.temperature == 0:
             next_tokens = scores.argmax(-1)
@@ -110,8 +111,8 @@ def sample(
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
         finished |= next_tokens == eos_token_id
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+            break  # no forward pass whose logits nobody reads
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                     position_ids=_positions(attention_mask)[:, -1:], past_key_values=out.past_key_values,

@@ -346,3 +346,13 @@ def test_errors():
             masked_divergence(DIVS["jsd"], a, b, mask, beta=beta)
     with pytest.raises(ValueError, match="shape"):
         masked_divergence(DIVS["forward_kl"], a, b[..., :-1], mask)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tvd"])
+def test_inf_trainable_column_gives_finite_value(name):
+    """Regression: the chunk accumulator started as rows.sum() * 0, which is NaN when a row holds -inf."""
+    a, b, mask = logits_and_mask(seed=5)
+    a = a.clone()
+    a[..., 0] = float("-inf")
+    value = masked_divergence(DIVS[name], a, b, mask, chunk_size=3)
+    assert torch.isfinite(value)
