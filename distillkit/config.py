@@ -27,9 +27,13 @@ class ModelConfig:
     """Where a model comes from: a local path or hub id (``path``, optionally
     a ``gguf_file`` inside it), or a ``transformers`` config to build a
     randomly initialised model from (``config``, e.g. ``{model_type = "gpt2",
-    n_layer = 2}``).  With ``sft`` set, the model is first fine-tuned on the
-    dataset responses with those training overrides (cached, reused by every
-    method)."""
+    n_layer = 2}``), or, for the student, ``init_from = "teacher"``: a copy of
+    the teacher cut to ``num_layers`` evenly spaced decoder layers (see
+    :func:`distillkit.models.shrink_model`).  ``path = "package:NAME"`` is the
+    folder of the installed Python package ``NAME`` (found without importing
+    it).  A GGUF model is de-quantised once and cached as safetensors.  With
+    ``sft`` set, the model is first fine-tuned on the dataset responses with
+    those training overrides (cached, reused by every method)."""
 
     path: str | None = None
     gguf_file: str | None = None
@@ -38,6 +42,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     init_seed: int = 0
     sft: dict[str, Any] | None = None
+    init_from: Literal["teacher", None] = None
+    num_layers: int | None = None
 
 
 @dataclass

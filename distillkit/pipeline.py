@@ -36,6 +36,7 @@ from distillkit.models import (
     check_shared_vocabulary,
     load_model,
     load_tokenizer,
+    model_identity,
     train_bpe_tokenizer,
 )
 from distillkit.registry import registry
@@ -121,23 +122,24 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
     ``sft`` (cached).  Returns the model and its prepared folder, if any."""
     spec: ModelConfig = getattr(session.recipe, role)
     if spec.sft is None:
-        return load_model(spec, session.tokenizer, role), None
+        return load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher), None
     training = build(TrainingConfig, {**to_dict(session.recipe.training), **spec.sft}, f"{role}.sft")
-    spec_identity = {k: v for k, v in to_dict(spec).items() if k != "sft"}
+    spec_identity = model_identity(spec, session.recipe.teacher)
     key = fingerprint(role, spec_identity, to_dict(training), session.tokenizer_id, data_identity(session.recipe),
                       to_dict(session.recipe.generation), __version__)
     folder = cache_root() / "models" / f"{session.recipe.name}-{role}-sft-{key}"
     best = folder / "best"
     if not (folder / "DONE").is_file():
         session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
-        model = load_model(spec, session.tokenizer, role)
+        model = load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher)
         check_length(model, session.recipe.data.max_length, role)
         config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
                            training=training)
         Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
                 resume=True, console=session.console).fit()
         (folder / "DONE").write_text("complete\n")
-    model_spec = dataclasses.replace(spec, path=str(best), config=None, gguf_file=None, sft=None)
+    model_spec = dataclasses.replace(spec, path=str(best), config=None, gguf_file=None, sft=None, init_from=None,
+                                     num_layers=None)
     return load_model(model_spec, session.tokenizer, role), best
 
 
@@ -166,7 +168,7 @@ def train(
         student, _ = prepared_model(dataclasses.replace(session, recipe=dataclasses.replace(recipe, student=student_spec)),
                                     "student")
     else:
-        student = load_model(recipe.student, session.tokenizer, "student")
+        student = load_model(recipe.student, session.tokenizer, "student", teacher=recipe.teacher)
     check_length(student, recipe.data.max_length, "student")
     if teacher is not None:
         check_length(teacher, recipe.data.max_length, "teacher")
