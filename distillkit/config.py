@@ -74,7 +74,11 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation budget and bookkeeping of one run (per process)."""
+    """Optimisation budget and bookkeeping of one run (per process).
+
+    ``group_by_length`` batches examples of similar length (less padding,
+    cheaper steps); on the tiny recipe it trained to a worse validation loss
+    per step (teacher 5.84 vs 5.54 after 600 steps), so it is off by default."""
 
     epochs: float = 1.0
     max_steps: int = 0
