@@ -18,8 +18,9 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-DEFAULT_DATA_DIR = "/work/shared/data"
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data
 
 
 def common_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
@@ -187,6 +188,24 @@ def tiny_setup(overrides: list[str]) -> TinySetup:
     teacher = load_model(recipe.teacher, tokenizer, "teacher")
     student = load_model(recipe.student, tokenizer, "student")
     return TinySetup(recipe, tokenizer, examples, teacher, student)
+
+
+def on_policy_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
+    """Arguments of the GKD and PromptKD step benchmarks."""
+    common_arguments(parser, repeats=repeats)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the tiny recipe's value (default 128)")
+
+
+def on_policy_setup(args: argparse.Namespace) -> TinySetup:
+    """The GKD and PromptKD benchmarks' common start: quick mode, seeds, and
+    the tiny recipe's models with GKD sampling every step (lambda = 1)."""
+    if args.quick:
+        args.repeats, args.max_new_tokens = min(args.repeats, 3), min(args.max_new_tokens, 32)
+    setup(args.threads, args.seed)
+    print(machine_note(args.threads))
+    overrides = ["methods.gkd.on_policy_fraction=1.0", "training.batch_size=8", "training.micro_batch_size=8",
+                 f"generation.max_new_tokens={args.max_new_tokens}", f"training.seed={args.seed + 10}"]
+    return tiny_setup(overrides)
 
 
 def trainer_for(setup: TinySetup, method: str, output_dir, *, student=None, teacher=None):

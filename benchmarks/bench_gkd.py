@@ -135,19 +135,12 @@ def divergence_only(rows: int, vocab: int, repeats: int, beta: float) -> list[li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common.common_arguments(parser, repeats=10)
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the tiny recipe's value (default 128)")
+    _common.on_policy_arguments(parser, repeats=10)
     parser.add_argument("--floor-sampler", choices=["distillkit", "generate"], default="distillkit")
     args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.max_new_tokens = min(args.repeats, 3), min(args.max_new_tokens, 32)
-    _common.setup(args.threads, args.seed)
+    setup = _common.on_policy_setup(args)
     import torch
 
-    print(_common.machine_note(args.threads))
-    overrides = ["methods.gkd.on_policy_fraction=1.0", "training.batch_size=8", "training.micro_batch_size=8",
-                 f"generation.max_new_tokens={args.max_new_tokens}", f"training.seed={args.seed + 10}"]
-    setup = _common.tiny_setup(overrides)
     recipe, tokenizer = setup.recipe, setup.tokenizer
     beta = 0.5
     with tempfile.TemporaryDirectory() as tmp:
