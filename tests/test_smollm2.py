@@ -193,6 +193,30 @@ def test_init_from_in_a_recipe_is_validated(tmp_path):
         load_recipe(str(path))
 
 
+def test_pipeline_trains_a_student_cut_from_the_teacher(recipe_file, tmp_path):
+    """train(): the student is cut from the teacher (before the teacher's SFT),
+    its SFT start is cached under a key that includes the teacher."""
+    from safetensors.torch import load_file
+
+    from distillkit.cache import cache_root
+    from distillkit.pipeline import train
+
+    text = recipe_file(steps=2, eval_every=2).read_text()
+    student = text[text.index("[student]"):text.index("[training]")]
+    cut = '[student]\ninit_from = "teacher"\nnum_layers = 1\n[student.sft]\nmax_steps = 2\n'
+    path = tmp_path / "cut.toml"
+    path.write_text(text.replace(student, cut).replace("n_layer = 1, n_embd = 48", "n_layer = 3, n_embd = 48"))
+    best = train("gkd", str(path), output=tmp_path / "gkd")
+    config = json.loads((best / "config.json").read_text())
+    assert config["n_layer"] == 1 and config["n_embd"] == 48
+    sft_folders = sorted((cache_root() / "models").glob("cut-student-sft-*"))
+    assert len(sft_folders) == 1 and (sft_folders[0] / "DONE").is_file()
+    assert set(load_file(best / "model.safetensors")) == set(load_file(sft_folders[0] / "best" / "model.safetensors"))
+    # another teacher: another SFT start
+    train("gkd", str(path), output=tmp_path / "gkd2", overrides=["teacher.init_seed=5"])
+    assert len(sorted((cache_root() / "models").glob("cut-student-sft-*"))) == 2
+
+
 # --- package:NAME paths ----------------------------------------------------------------
 
 
