@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -54,7 +54,9 @@ class TrainBatch:
         return int(self.label_mask.sum())
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+        """This batch (of this class) with every tensor and nested batch on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, (torch.Tensor, TrainBatch))})
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TrainBatch:
@@ -84,3 +86,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, width - len(prompt) :] = 1
     return input_ids, attention_mask
+
+
+@dataclass
+class RolloutBatch(TrainBatch):
+    """Rollouts ``[x ‖ y]`` plus what was computed when they were sampled.
+
+    ``old_logprobs`` and ``teacher_logprobs`` (B, T-1): log q_old(y_t) of the
+    student that sampled and log p(y_t) of the teacher, aligned with
+    ``labels`` and zero off the response.  ``teacher_logits`` (B, T-1, V):
+    the teacher's logits at response positions (zero elsewhere), or None when
+    they were not kept.  ``lm``: the step's dataset examples ``[x ‖ y*]``.
+    """
+
+    old_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    lm: TrainBatch

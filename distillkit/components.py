@@ -33,10 +33,13 @@ class Stage:
     learning-rate schedule.  ``loss(run, batch)`` returns a dict of scalar
     tensors whose ``"loss"`` entry is back-propagated (a mean over the
     micro-batch's response tokens); the other entries are logged.
+    ``dropout`` puts the student in train mode for the stage (False: eval
+    mode, as MiniLLM's update does).
     """
 
     trains: str
     loss: Callable[[Run, TrainBatch], dict[str, torch.Tensor]]
+    dropout: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,11 @@ class Schedule:
 
 
 class PseudoTargetSource(Protocol):
-    """Turns dataset examples into a teacher-forcing batch ``[x ‖ y]``."""
+    """Turns dataset examples into a teacher-forcing batch ``[x ‖ y]``.
+
+    A source with state (e.g. a rollout buffer) also defines ``state_dict()``
+    and ``load_state_dict(state)``; the trainer then checkpoints it.
+    """
 
     def __call__(self, examples: ExampleBatch) -> TrainBatch: ...
 

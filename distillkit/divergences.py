@@ -52,7 +52,7 @@ def reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch
     return _kl(trainable_logp, target_logp)
 
 
-def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
+def log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(weight_p * P + (1 - weight_p) * Q), computed with logsumexp."""
     if not 0.0 <= weight_p <= 1.0:
         raise ValueError(f"mixture weight must be in [0, 1], got {weight_p}")
@@ -72,18 +72,18 @@ def generalized_jsd(trainable_logp: torch.Tensor, target_logp: torch.Tensor, bet
         return forward_kl(trainable_logp, target_logp)
     if beta == 1.0:
         return reverse_kl(trainable_logp, target_logp)
-    log_m = _log_mixture(target_logp, trainable_logp, beta)
+    log_m = log_mixture(target_logp, trainable_logp, beta)
     return beta * _kl(target_logp, log_m) + (1.0 - beta) * _kl(trainable_logp, log_m)
 
 
 def skew_forward_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """KL(P || alpha P + (1 - alpha) Q) (DistiLLM's SKL)."""
-    return _kl(target_logp, _log_mixture(target_logp, trainable_logp, alpha))
+    return _kl(target_logp, log_mixture(target_logp, trainable_logp, alpha))
 
 
 def skew_reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """KL(Q || (1 - alpha) P + alpha Q) (DistiLLM's SRKL)."""
-    return _kl(trainable_logp, _log_mixture(target_logp, trainable_logp, 1.0 - alpha))
+    return _kl(trainable_logp, log_mixture(target_logp, trainable_logp, 1.0 - alpha))
 
 
 def total_variation(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
@@ -91,23 +91,22 @@ def total_variation(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> 
     return 0.5 * (target_logp.exp() - trainable_logp.exp()).abs().sum(-1)
 
 
-def chunked_token_sum(
+def chunked_rows(
     per_row: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> torch.Tensor:
-    """Sum ``per_row(*chunk)`` over row chunks of the (N, ...) tensors ``rows``.
+    """``per_row(*rows)`` (N,) computed over row chunks of the (N, ...) tensors ``rows``.
 
     Each chunk runs under activation checkpointing when gradients are needed,
-    so only the chunk inputs are kept for backward.
+    so backward keeps only the chunk inputs and recomputes the rest.
     """
-    total = rows[0][:0].float().sum()  # 0.0 that keeps a grad_fn even when there are no rows
+    if rows[0].shape[0] <= chunk_size:
+        chunks = [rows]
+    else:
+        chunks = [tuple(r[start : start + chunk_size] for r in rows) for start in range(0, rows[0].shape[0], chunk_size)]
     needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
-    for start in range(0, rows[0].shape[0], chunk_size):
-        chunk = tuple(r[start : start + chunk_size] for r in rows)
-        if needs_grad:
-            total = total + checkpoint(lambda *c: per_row(*c).sum(), *chunk, use_reentrant=False)
-        else:
-            total = total + per_row(*chunk).sum()
-    return total
+    if not needs_grad or rows[0].shape[0] == 0:
+        return torch.cat([per_row(*chunk) for chunk in chunks])
+    return torch.cat([checkpoint(per_row, *chunk, use_reentrant=False) for chunk in chunks])
 
 
 def masked_divergence(
@@ -142,24 +141,31 @@ def masked_divergence(
         target_logp = torch.log_softmax(target.float() / temperature, dim=-1)
         return divergence.per_token(trainable_logp, target_logp, **kwargs)
 
-    count = mask.sum()
-    total = chunked_token_sum(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size)
-    return total / count.clamp(min=1)
+    total = chunked_rows(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def masked_token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """log-probability (N,) fp32 of each masked label (B, T) under ``logits``
+    (B, T, V), in row-major order of ``mask``; chunked like
+    :func:`masked_divergence`."""
+    mask = mask.bool()
+
+    def per_row(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -torch.nn.functional.cross_entropy(rows.float(), targets, reduction="none")
+
+    return chunked_rows(per_row, logits[mask], labels[mask], chunk_size=chunk_size)
 
 
 def masked_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> torch.Tensor:
     """Mean negative log-likelihood of ``labels`` (B, T) under ``logits``
-    (B, T, V) over the masked positions, in nats per token; chunked like
-    :func:`masked_divergence`."""
-    mask = mask.bool()
-
-    def per_row(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(rows.float(), targets, reduction="none")
-
-    total = chunked_token_sum(per_row, logits[mask], labels[mask], chunk_size=chunk_size)
-    return total / mask.sum().clamp(min=1)
+    (B, T, V) over the masked positions, in nats per token."""
+    logprobs = masked_token_logprobs(logits, labels, mask, chunk_size=chunk_size)
+    return -logprobs.sum() / mask.sum().clamp(min=1)
 
 
 BUILTIN_DIVERGENCES = [

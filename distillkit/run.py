@@ -72,15 +72,16 @@ class Run:
 
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, mix_model: torch.nn.Module | None = None, mix_weight: float = 0.0,
     ) -> list[list[int]]:
-        """Responses sampled from ``model`` with the recipe's ``[generation]``
-        settings, capped to ``data.max_length`` in total (no gradients)."""
+        """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
+        see :func:`distillkit.sampling.sample`) with the recipe's
+        ``[generation]`` settings, capped to ``data.max_length`` in total."""
         settings = settings_from(self.config.recipe.generation).within(prompts, self.config.recipe.data.max_length)
         tokenizer = self.tokenizer
         return sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,
-                      prefix_embeds=prefix_embeds)
+                      prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight)
 
     def schedule(self, name: str, **params: float) -> float:
         """Registered schedule ``name`` evaluated at the current (k, K)."""

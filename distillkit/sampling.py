@@ -64,6 +64,32 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_embeds: torch.Tensor | None
+) -> tuple[Any, torch.Tensor]:
+    """Run the left-padded prompts (B, P) through ``model`` with a KV cache;
+    returns the output (last position's logits only) and the attention mask,
+    extended by the prefix when ``prefix_embeds`` (m, d) is given."""
+    if prefix_embeds is None:
+        inputs = {"input_ids": input_ids}
+    else:
+        embeds = model.get_input_embeddings()(input_ids)
+        prefix = prefix_embeds.to(device=embeds.device, dtype=embeds.dtype).expand(input_ids.shape[0], -1, -1)
+        inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
+        attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True,
+                logits_to_keep=1)  # the prefill needs the last position's logits only
+    return out, attention_mask
+
+
+def _extend(model: torch.nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor, out: Any) -> tuple[Any, torch.Tensor]:
+    """Feed one new token per row (B,) through ``model`` on top of its cache."""
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((tokens.shape[0], 1))], dim=-1)
+    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=_positions(attention_mask)[:, -1:],
+                past_key_values=out.past_key_values, use_cache=True)
+    return out, attention_mask
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -75,6 +101,8 @@ def sample(
     vocab_size: int,
     generator: torch.Generator | None = None,
     prefix_embeds: torch.Tensor | None = None,
+    mix_model: torch.nn.Module | None = None,
+    mix_weight: float = 0.0,
 ) -> list[list[int]]:
     """Sample one response per prompt.
 
@@ -82,42 +110,42 @@ def sample(
     (kept) or cut at ``max_new_tokens``.  ``vocab_size`` (the tokenizer's
     size) masks padded rows of the output matrix.  ``prefix_embeds`` (m, d),
     e.g. a soft prompt, is prepended to every prompt as input embeddings
-    (positions 0..m-1, as in training).
+    (positions 0..m-1, as in training).  With ``mix_model``, every token is
+    drawn from ``(1 - mix_weight) * p_model + mix_weight * p_mix`` (MiniLLM's
+    teacher-mixed sampling), each distribution after the same processors.
     """
-    was_training = model.training
-    model.eval()
+    models = [m for m in (model, mix_model) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     device = next(model.parameters()).device
-    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    input_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     processors = settings.processors()
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = input_ids
-    if prefix_embeds is None:
-        inputs = {"input_ids": input_ids}
-    else:
-        embeds = model.get_input_embeddings()(input_ids)
-        prefix = prefix_embeds.to(device=device, dtype=embeds.dtype).expand(batch, -1, -1)
-        inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
-        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.shape[1])), attention_mask], dim=1)
-    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True,
-                logits_to_keep=1)  # the prefill needs the last position's logits only
+    out, attention_mask = _prefill(model, input_ids, prompt_mask, prefix_embeds)
+    if mix_model is not None:
+        mix_out, mix_mask = _prefill(mix_model, input_ids, prompt_mask, None)
     for step in range(settings.max_new_tokens):
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
+        if mix_model is not None:  # mix in probability space
+            mix_scores = processors(generated, mix_out.logits[:, -1, :vocab_size].float())
+            scores = torch.lerp(scores.softmax(-1), mix_scores.softmax(-1), mix_weight).log()
         if settings.temperature == 0:
             next_tokens = scores.argmax(-1)
         else:
-            probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
         finished |= next_tokens == eos_token_id
         if bool(finished.all()) or step == settings.max_new_tokens - 1:
             break  # no forward pass whose logits nobody reads
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
-        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                    position_ids=_positions(attention_mask)[:, -1:], past_key_values=out.past_key_values,
-                    use_cache=True)
-    model.train(was_training)
+        out, attention_mask = _extend(model, next_tokens, attention_mask, out)
+        if mix_model is not None:
+            mix_out, mix_mask = _extend(mix_model, next_tokens, mix_mask, mix_out)
+    for m, mode in zip(models, modes):
+        m.train(mode)
     responses = []
     for row in generated[:, input_ids.shape[1] :].tolist():
         end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)

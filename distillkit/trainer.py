@@ -153,6 +153,8 @@ class Trainer:
         self.optimizers = dict(zip(groups, prepared[1 : 1 + len(groups)]))
         self.schedulers = dict(zip(groups, prepared[1 + len(groups) :]))
         extra_modules = getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
+        if hasattr(self.source, "state_dict"):
+            extra_modules = [*extra_modules, self.source]
         for module in extra_modules:
             self.accelerator.register_for_checkpointing(module)
 
@@ -233,7 +235,7 @@ class Trainer:
         total_tokens = max(sum(b.num_response_tokens for b in batches), 1)
         logs: dict[str, float] = {}
         for stage in self.method.stages:
-            self.run.student.train()
+            self.run.student.train(stage.dropout)
             for index, batch in enumerate(batches):
                 weight = batch.num_response_tokens / total_tokens
                 last = index == len(batches) - 1

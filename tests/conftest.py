@@ -48,6 +48,8 @@ max_new_tokens = 8
 batch_size = 6
 [eval]
 seeds = [10, 20]
+[methods.minillm]
+rollout_size = 16
 """
 
 
@@ -96,3 +98,26 @@ def recipe_file(tmp_path: Path):
         return path
 
     return write
+
+
+def make_run(recipe_file, tokenizer, method: str = "promptkd", overrides=(), examples=()):
+    """A :class:`~distillkit.run.Run` of the test recipe with a tiny student (no teacher)."""
+    from distillkit.config import load_recipe, resolve_run
+    from distillkit.run import Run
+
+    config = resolve_run(load_recipe(str(recipe_file()), list(overrides)), method)
+    return Run(config, tiny_model(tokenizer, seed=7), tokenizer, total_steps=10, train_examples=list(examples),
+               teacher_id="test-teacher")
+
+
+def instruction_examples(tokenizer, texts=("Name a colour.", "Say hi", "Tell me about cats")):
+    """Tokenized examples with short templated prompts and a fixed response."""
+    from distillkit.batch import TokenizedExample
+    from distillkit.components import InstructionExample
+
+    out = []
+    for text in texts:
+        prompt = tokenizer(f"### Instruction:\n{text}\n\n### Response:\n")["input_ids"]
+        response = tokenizer("A short answer.")["input_ids"] + [tokenizer.eos_token_id]
+        out.append(TokenizedExample(prompt, response, InstructionExample(text, "", ("A short answer.",))))
+    return out

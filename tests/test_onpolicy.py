@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillkit.batch import TokenizedExample, collate
-from distillkit.components import InstructionExample
-from distillkit.config import ModelConfig, load_recipe, resolve_run
+from distillkit.batch import collate
+from distillkit.config import ModelConfig
 from distillkit.errors import DistillkitError
 from distillkit.models import load_model, load_tokenizer
 from distillkit.pipeline import train
@@ -19,22 +18,7 @@ from distillkit.run import Run
 from distillkit.sampling import SamplingSettings, sample
 from distillkit.teachers import FrozenTeacher, LoraTeacher, SoftPromptTeacher, initial_prompt
 
-from .conftest import tiny_model
-
-
-def _run(recipe_file, tokenizer, method="promptkd", overrides=(), examples=()):
-    config = resolve_run(load_recipe(str(recipe_file()), list(overrides)), method)
-    return Run(config, tiny_model(tokenizer, seed=7), tokenizer, total_steps=10, train_examples=list(examples),
-               teacher_id="test-teacher")
-
-
-def _examples(tokenizer, texts=("Name a colour.", "Say hi", "Tell me about cats")):
-    out = []
-    for text in texts:
-        prompt = tokenizer(f"### Instruction:\n{text}\n\n### Response:\n")["input_ids"]
-        response = tokenizer("A short answer.")["input_ids"] + [tokenizer.eos_token_id]
-        out.append(TokenizedExample(prompt, response, InstructionExample(text, "", ("A short answer.",))))
-    return out
+from .conftest import instruction_examples, make_run, tiny_model
 
 
 def _batch(tokenizer, examples):
@@ -57,10 +41,10 @@ def test_text_init_cycles_or_truncates_the_text_tokens(tokenizer):
 
 
 def test_soft_prompt_gradients_reach_only_the_prompt(recipe_file, tokenizer):
-    run = _run(recipe_file, tokenizer)
+    run = make_run(recipe_file, tokenizer)
     teacher_model = tiny_model(tokenizer, n_layer=2, seed=3)
     adapter = SoftPromptTeacher(teacher_model, run, length=4)
-    batch = _batch(tokenizer, _examples(tokenizer))
+    batch = _batch(tokenizer, instruction_examples(tokenizer))
     logits = adapter.logits(batch, grad=True)
     assert logits.shape == (3, batch.input_ids.shape[1] - 1, teacher_model.config.vocab_size)
     logits.sum().backward()
@@ -75,7 +59,7 @@ def test_soft_prompt_gradients_reach_only_the_prompt(recipe_file, tokenizer):
 def test_sampler_prefix_matches_a_manual_prompted_forward(tokenizer):
     model = tiny_model(tokenizer, n_layer=2, seed=3).eval()
     prefix = torch.randn(4, model.config.n_embd)
-    prompts = [e.prompt_ids for e in _examples(tokenizer)]
+    prompts = [e.prompt_ids for e in instruction_examples(tokenizer)]
     ours = sample(model, prompts, SamplingSettings(max_new_tokens=5, temperature=0), eos_token_id=-1,
                   pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), prefix_embeds=prefix)
     for prompt, response in zip(prompts, ours):
@@ -89,13 +73,13 @@ def test_sampler_prefix_matches_a_manual_prompted_forward(tokenizer):
 
 
 def test_lora_trains_only_adapter_and_keeps_base(recipe_file, tokenizer):
-    run = _run(recipe_file, tokenizer)
+    run = make_run(recipe_file, tokenizer)
     teacher_model = tiny_model(tokenizer, n_layer=2, seed=3)
     base = [(p, p.detach().clone()) for p in teacher_model.parameters()]  # peft wraps these same tensors
     adapter = LoraTeacher(teacher_model, run, rank=4, alpha=8)
     params = adapter.trainable_parameters()
     assert params and all("lora" in name for name, p in adapter.model.named_parameters() if p.requires_grad)
-    batch = _batch(tokenizer, _examples(tokenizer))
+    batch = _batch(tokenizer, instruction_examples(tokenizer))
     assert torch.allclose(adapter.logits(batch), adapter.logits(batch, adapted=False))  # LoRA B starts at zero
     optimizer = torch.optim.AdamW(params, lr=0.1)
     adapter.logits(batch, grad=True).logsumexp(-1).mean().backward()
@@ -105,8 +89,8 @@ def test_lora_trains_only_adapter_and_keeps_base(recipe_file, tokenizer):
 
 
 def test_student_source_masks_sampled_response_only(recipe_file, tokenizer):
-    examples = _examples(tokenizer)
-    run = _run(recipe_file, tokenizer)
+    examples = instruction_examples(tokenizer)
+    run = make_run(recipe_file, tokenizer)
     torch.manual_seed(0)
     batch = registry().sources["student"].build(run)(examples)
     for row, example in enumerate(examples):
@@ -120,8 +104,8 @@ def test_student_source_masks_sampled_response_only(recipe_file, tokenizer):
 
 @pytest.mark.parametrize(("fraction", "expect_dataset"), [(0.0, True), (1.0, False)])
 def test_mixture_follows_its_probability(recipe_file, tokenizer, fraction, expect_dataset):
-    examples = _examples(tokenizer)
-    run = _run(recipe_file, tokenizer)
+    examples = instruction_examples(tokenizer)
+    run = make_run(recipe_file, tokenizer)
     source = registry().sources["mixture"].build(run, fraction=fraction)
     dataset = _batch(tokenizer, examples)
     outcomes = [torch.equal(source(examples).input_ids, dataset.input_ids) for _ in range(4)]
@@ -129,8 +113,8 @@ def test_mixture_follows_its_probability(recipe_file, tokenizer, fraction, expec
 
 
 def test_teacher_generations_are_cached_and_reused(recipe_file, tokenizer, monkeypatch):
-    examples = _examples(tokenizer)
-    run = _run(recipe_file, tokenizer, method="seqkd", examples=examples)
+    examples = instruction_examples(tokenizer)
+    run = make_run(recipe_file, tokenizer, method="seqkd", examples=examples)
     run.teacher = FrozenTeacher(tiny_model(tokenizer, seed=9), run)
     calls = []
     original = Run.sample

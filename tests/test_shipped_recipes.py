@@ -45,6 +45,8 @@ def test_shipped_recipe_validates_and_resolves(name):
         run = resolve_run(recipe, method)
         assert run.method == method
         trainings.append(run.training)
+        rollouts = getattr(run.options, "rollout_size", 0)
+        assert rollouts % run.training.batch_size == 0, "a rollout buffer must hold whole optimizer steps"
     for role in ("teacher", "student"):
         if getattr(recipe, role).sft is not None:
             trainings.append(_sft_training(recipe, role))

@@ -16,19 +16,25 @@ from distillkit.registry import registry
 from distillkit.trainer import Trainer
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r.get("loss", r.get("student/loss")) for r in records if "val/rougeL" not in r]
+    return [r.get(key, r.get(f"student/{key}")) for r in records if "val/rougeL" not in r]
+
+
+# MiniLLM's total is dominated by a policy-gradient surrogate (whitened
+# advantages, mean about 0) and the LM loss on changing batches; the
+# divergence it minimises, the exact per-token reverse KL, is what must fall.
+FALLING_TERM = {"minillm": "single_step"}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "gkd", "promptkd"])
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm"])
 def test_method_trains_with_falling_loss(method, recipe_file, tmp_path):
     best = train(method, str(recipe_file(steps=10, eval_every=5)), output=tmp_path / method)
-    losses = _losses(tmp_path / method)
+    losses = _losses(tmp_path / method, FALLING_TERM.get(method, "loss"))
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
     assert (best / "model.safetensors").is_file() and (best / "tokenizer.json").is_file()
@@ -39,7 +45,7 @@ def test_method_trains_with_falling_loss(method, recipe_file, tmp_path):
 
 def test_every_registered_method_trains(recipe_file, tmp_path):
     """Guards that a newly registered built-in method gets end-to-end coverage."""
-    covered = {"sft", "kd", "seqkd", "gkd", "promptkd"}
+    covered = {"sft", "kd", "seqkd", "gkd", "promptkd", "minillm"}
     builtin = {n for n in registry().methods.names() if registry().methods.entry(n).plugin.startswith("distillkit:")}
     assert builtin <= covered, f"add {sorted(builtin - covered)} to test_method_trains_with_falling_loss"
 
@@ -61,10 +67,13 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_identical_parameters(recipe_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("method", "overrides"), [
+    ("kd", ["student.config.resid_pdrop=0.1"]),  # dropout: the RNG state must be restored too
+    ("minillm", ["methods.minillm.ppo_epochs=2"]),  # rollouts of steps 1-4 come from the step-0 student:
+])                                                  # the buffer must be restored, not re-collected
+def test_killed_run_resumes_to_identical_parameters(recipe_file, tmp_path, monkeypatch, method, overrides):
     recipe = str(recipe_file(steps=6, eval_every=2))
-    overrides = ["student.config.resid_pdrop=0.1"]  # dropout: the RNG state must be restored too
-    train("kd", recipe, output=tmp_path / "straight", overrides=overrides)
+    train(method, recipe, output=tmp_path / "straight", overrides=overrides)
 
     original_step = Trainer.train_step
     calls = {"n": 0}
@@ -77,13 +86,13 @@ def test_killed_run_resumes_to_identical_parameters(recipe_file, tmp_path, monke
 
     monkeypatch.setattr(Trainer, "train_step", dying_step)
     with pytest.raises(_Killed):
-        train("kd", recipe, output=tmp_path / "killed", overrides=overrides)
+        train(method, recipe, output=tmp_path / "killed", overrides=overrides)
     monkeypatch.setattr(Trainer, "train_step", original_step)
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-0000002"]
 
     with pytest.raises(DistillkitError, match="already holds a run .* pass --resume"):
-        train("kd", recipe, output=tmp_path / "killed", overrides=overrides)
-    train("kd", recipe, output=tmp_path / "killed", overrides=overrides, resume=True)
+        train(method, recipe, output=tmp_path / "killed", overrides=overrides)
+    train(method, recipe, output=tmp_path / "killed", overrides=overrides, resume=True)
 
     final = "checkpoints/step-0000006"
     straight, resumed = _weights(tmp_path / "straight" / final), _weights(tmp_path / "killed" / final)

@@ -1,0 +1,104 @@
+"""MiniLLM (Gu et al., ICLR 2024): policy gradient on the sequence-level
+reverse KL, as in the reference code (microsoft/LMOps ``minillm/``).
+
+    every ppo_epochs passes over the buffer: collect rollout_size rollouts
+        y ~ (1 - alpha) q_old + alpha p            (teacher-mixed sampling, no grad)
+        r_t = clip((log p(y_t) - log q_old(y_t)) / reward_scaling, +-reward_clip)
+        w_t = q_old(y_t) / ((1 - alpha) q_old(y_t) + alpha p(y_t))
+    per optimizer step, on a minibatch of rollouts and the step's dataset examples:
+        A_t    = whiten( sum_{t'>=t} gamma^(t'-t) r_t' / #response tokens from t on )   (length-normalised)
+        rho_t  = exp(log q_theta(y_t) - log q_old(y_t)) * w_t
+        L_PG   = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+        L_SS   = mean_t KL(q_theta(.|y_<t) || p(.|y_<t))     (exact over V: the single-step term)
+        L_PT   = (1 - kd_ratio) CE + kd_ratio KL(p || q_theta)   on dataset responses
+        L      = L_PG + L_SS + lm_coef * L_PT
+
+The pre-training corpus of the paper (OpenWebText / RoBERTa data) is not
+available offline, so L_PT uses the training set's responses.  The student
+stays in eval mode (no dropout) as in the reference.  Starts from the SFT student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from distillkit.plugins.kd import KDOptions, kd_loss
+
+from distillkit import hookimpl
+from distillkit.batch import RolloutBatch
+from distillkit.components import Method, Stage
+from distillkit.divergences import log_mixture, masked_token_logprobs
+from distillkit.run import Run
+
+
+@dataclass(frozen=True)
+class MiniLLMOptions(KDOptions):  # kd_ratio, temperature, divergence: the L_PT term
+    rollout_size: int = 256  # rollouts per collection (num_rollouts)
+    ppo_epochs: int = 4  # passes over each collection
+    teacher_mix: float = 0.2  # alpha
+    gamma: float = 0.95
+    clip_ratio: float = 0.2  # epsilon
+    reward_scaling: float = 0.5
+    reward_clip: float = 100.0
+    whiten_padding: bool = True  # reference: whitening statistics include the zero padding of the response block
+    single_step: bool = True
+    lm_coef: float = 1.0
+    keep_teacher_logits: bool = True  # False: recompute the teacher per minibatch (less memory)
+
+
+def rewards(batch: RolloutBatch, opts: MiniLLMOptions) -> torch.Tensor:
+    """r_t (B, T-1): scaled and clipped log p(y_t) - log q_old(y_t), zero off the response."""
+    raw = (batch.teacher_logprobs - batch.old_logprobs) / opts.reward_scaling
+    return raw.clamp(-opts.reward_clip, opts.reward_clip) * batch.label_mask
+
+
+def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, whiten_padding: bool) -> torch.Tensor:
+    """Whitened, length-normalised discounted returns (N,) at the masked positions.
+
+    ``rewards`` and ``mask`` (B, T-1).  With ``whiten_padding`` the statistics
+    also count the zeros that pad each response to the longest one (B x max
+    length entries), as the reference does.
+    """
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    mask = mask.float()
+    remaining = (mask.flip(-1).cumsum(-1).flip(-1)).clamp(min=1)  # response tokens from t to the end
+    values = (returns / remaining)[mask.bool()]
+    count = mask.shape[0] * int(mask.sum(-1).max()) if whiten_padding else values.numel()
+    mean = values.sum() / count
+    var = ((values - mean).square().sum() + (count - values.numel()) * mean.square()) / max(count - 1, 1)
+    return ((values - mean) * torch.rsqrt(var + 1e-8)).detach()
+
+
+def minillm_loss(run: Run, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    opts: MiniLLMOptions = run.options
+    mask = batch.label_mask
+    student = run.student_logits(batch)
+    logq = masked_token_logprobs(student, batch.labels, mask)
+    old, teacher = batch.old_logprobs[mask], batch.teacher_logprobs[mask]
+    w = (old - log_mixture(teacher, old, opts.teacher_mix)).exp()
+    ratio = (logq - old).exp() * w
+    advantage = advantages(rewards(batch, opts), mask, opts.gamma, opts.whiten_padding)
+    clipped = ratio.clamp(1 - opts.clip_ratio, 1 + opts.clip_ratio)
+    pg = torch.maximum(-advantage * ratio, -advantage * clipped).mean()
+    teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else run.teacher_logits(batch)
+    single_step = run.divergence("reverse_kl", student, teacher_logits, batch)
+    pt = kd_loss(run, batch.lm)
+    loss = pg + (single_step if opts.single_step else 0.0) + opts.lm_coef * pt["loss"]
+    return {"loss": loss, "pg": pg, "single_step": single_step, "pt": pt["loss"], "pt_ce": pt["ce"], "pt_kl": pt["kl"],
+            "reward": (teacher - old).mean(), "w": w.mean(), "clipped": (ratio != clipped).float().mean()}
+
+
+@hookimpl
+def distillkit_register_methods() -> list[Method]:
+    return [Method(
+        name="minillm",
+        description="policy gradient on reverse KL: teacher-mixed rollouts, PPO clipping, single-step KL, LM loss",
+        stages=(Stage("student", minillm_loss, dropout=False),), source="rollouts", teacher="frozen",
+        options=MiniLLMOptions, student_init="sft",
+        source_options=lambda o: {"size": o.rollout_size, "epochs": o.ppo_epochs, "mix_weight": o.teacher_mix,
+                                  "keep_teacher_logits": o.keep_teacher_logits},
+    )]
