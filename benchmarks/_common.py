@@ -196,15 +196,16 @@ def on_policy_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> Non
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the tiny recipe's value (default 128)")
 
 
-def on_policy_setup(args: argparse.Namespace) -> TinySetup:
-    """The GKD and PromptKD benchmarks' common start: quick mode, seeds, and
-    the tiny recipe's models with GKD sampling every step (lambda = 1)."""
+def on_policy_setup(args: argparse.Namespace, extra_overrides: tuple[str, ...] = ()) -> TinySetup:
+    """The on-policy benchmarks' common start: quick mode, seeds, and the tiny
+    recipe's models with GKD sampling every step (lambda = 1)."""
     if args.quick:
         args.repeats, args.max_new_tokens = min(args.repeats, 3), min(args.max_new_tokens, 32)
     setup(args.threads, args.seed)
     print(machine_note(args.threads))
     overrides = ["methods.gkd.on_policy_fraction=1.0", "training.batch_size=8", "training.micro_batch_size=8",
-                 f"generation.max_new_tokens={args.max_new_tokens}", f"training.seed={args.seed + 10}"]
+                 f"generation.max_new_tokens={args.max_new_tokens}", f"training.seed={args.seed + 10}",
+                 *extra_overrides]
     return tiny_setup(overrides)
 
 
