@@ -100,13 +100,20 @@ def test_rewards_and_advantages_match_the_reference(tokenizer, whiten_padding):
     assert got.tolist() == pytest.approx(_naive_advantages(expected, 0.95, whiten_padding), rel=1e-5, abs=1e-6)
 
 
-def test_clipped_importance_weighted_policy_gradient(recipe_file, tokenizer):
-    """L_PG with rho = exp(log q - log q_old) * w, clipped to [1 - eps, 1 + eps], against a per-token loop."""
+def _minillm_run(recipe_file, tokenizer):
+    """A MiniLLM run with a frozen tiny teacher, the student in eval mode (as
+    the trainer runs MiniLLM's stage) and a batch of three examples."""
     examples = instruction_examples(tokenizer)
     run = make_run(recipe_file, tokenizer, method="minillm")
     run.teacher = FrozenTeacher(tiny_model(tokenizer, seed=9, n_embd=48), run)
-    run.student.eval()  # as the trainer runs MiniLLM's stage (dropout off)
+    run.student.eval()
     batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], tokenizer.pad_token_id)
+    return run, batch
+
+
+def test_clipped_importance_weighted_policy_gradient(recipe_file, tokenizer):
+    """L_PG with rho = exp(log q - log q_old) * w, clipped to [1 - eps, 1 + eps], against a per-token loop."""
+    run, batch = _minillm_run(recipe_file, tokenizer)
     mask = batch.label_mask
     with torch.no_grad():
         student_lp = run.student_logits(batch).double().log_softmax(-1).gather(-1, batch.labels[..., None])[..., 0]
@@ -131,11 +138,7 @@ def test_clipped_importance_weighted_policy_gradient(recipe_file, tokenizer):
 
 
 def test_single_step_term_is_exact_reverse_kl_with_gradient_to_student_only(recipe_file, tokenizer):
-    examples = instruction_examples(tokenizer)
-    run = make_run(recipe_file, tokenizer, method="minillm")
-    run.teacher = FrozenTeacher(tiny_model(tokenizer, seed=9, n_embd=48), run)
-    run.student.eval()  # as the trainer runs MiniLLM's stage (dropout off)
-    batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], tokenizer.pad_token_id)
+    run, batch = _minillm_run(recipe_file, tokenizer)
     mask = batch.label_mask
     zeros = torch.zeros(mask.shape)
     teacher_logits = run.teacher_logits(batch)
