@@ -24,6 +24,7 @@ class Run:
     ``total_steps`` is K; schedules are evaluated at (k, K).
     ``train_examples`` is the tokenized training set (for sources that
     pre-generate); ``teacher_id`` names the teacher checkpoint (for caches).
+    ``generated_tokens`` counts every token :meth:`sample` has produced.
     """
 
     config: RunConfig
@@ -34,6 +35,7 @@ class Run:
     step: int = 0
     train_examples: list[TokenizedExample] = field(default_factory=list)
     teacher_id: str = ""
+    generated_tokens: int = 0
 
     @property
     def options(self) -> Any:
@@ -79,9 +81,11 @@ class Run:
         ``[generation]`` settings, capped to ``data.max_length`` in total."""
         settings = settings_from(self.config.recipe.generation).within(prompts, self.config.recipe.data.max_length)
         tokenizer = self.tokenizer
-        return sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,
-                      prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight)
+        responses = sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,
+                           prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight)
+        self.generated_tokens += sum(len(r) for r in responses)
+        return responses
 
     def schedule(self, name: str, **params: float) -> float:
         """Registered schedule ``name`` evaluated at the current (k, K)."""

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,8 +53,17 @@ class TrainerState:
     step: int = 0
     best_metric: float | None = None
     best_step: int = -1
-    tokens: int = 0
-    elapsed_s: float = 0.0
+    tokens: int = 0  # tokens through the student (attention-mask positions)
+    elapsed_s: float = 0.0  # seconds in training steps (no setup, evaluation or checkpointing)
+    generated_tokens: int = 0  # tokens sampled by the run (pseudo-targets), see Run.sample
+    peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the process
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def mixed_precision(setting: str) -> str:
@@ -191,6 +201,7 @@ class Trainer:
         self.accelerator.load_state(str(latest))
         self.state = TrainerState(**json.loads((latest / STATE_FILE).read_text()))
         self.run.step = self.state.step
+        self.run.generated_tokens += self.state.generated_tokens
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s (step %d)", latest, self.state.step)
 
@@ -278,6 +289,8 @@ class Trainer:
                 self.state.step += 1
                 self.run.step = self.state.step
                 self.state.elapsed_s += seconds
+                self.state.generated_tokens = self.run.generated_tokens
+                self.state.peak_memory_mb = max(self.state.peak_memory_mb, peak_memory_mb(self.accelerator.device))
                 logs["tokens_per_s"] = (self.state.tokens - tokens_before) / max(seconds, 1e-9)
                 lr = next(v for k, v in logs.items() if k.startswith("lr/"))
                 progress.update(task, advance=1, status=(
@@ -351,7 +364,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             manifest = {"method": self.method.name, "recipe": to_dict(self.config.recipe),
                         "options": to_dict(self.config.options), "training": to_dict(self.training),
-                        "total_steps": self.run.total_steps}
+                        "total_steps": self.run.total_steps,
+                        "trainable_parameters": {g: sum(p.numel() for p in self._parameters(g)) for g in self.optimizers}}
             (self.output_dir / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     def _atomic_dir(self, final: Path, write: Any) -> None:

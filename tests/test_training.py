@@ -41,6 +41,13 @@ def test_method_trains_with_falling_loss(method, recipe_file, tmp_path):
     assert json.loads((best / "best.json").read_text())["step"] in (5, 10)
     run = json.loads((tmp_path / method / "run.json").read_text())
     assert run["method"] == method and run["total_steps"] == 10
+    assert run["trainable_parameters"]["student"] > 0
+    state = json.loads((tmp_path / method / "checkpoints" / "step-0000010" / "trainer_state.json").read_text())
+    assert state["peak_memory_mb"] > 0 and state["elapsed_s"] > 0
+    if method in ("sft", "kd"):
+        assert state["generated_tokens"] == 0
+    elif method != "seqkd":  # SeqKD's generations may come from the cache of an earlier test
+        assert state["generated_tokens"] > 0
 
 
 def test_every_registered_method_trains(recipe_file, tmp_path):
