@@ -109,7 +109,7 @@ def chunked_rows(
     return torch.cat([checkpoint(per_row, *chunk, use_reentrant=False) for chunk in chunks])
 
 
-def masked_divergence(
+def masked_token_divergences(
     divergence: Divergence,
     trainable_logits: torch.Tensor,
     target_logits: torch.Tensor,
@@ -119,12 +119,9 @@ def masked_divergence(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     **params: float,
 ) -> torch.Tensor:
-    """Mean divergence over the masked positions.
-
-    ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
-    ``mask``: (B, T), true at the response positions to score.  Returns a
-    scalar fp32 tensor (nats per response token); 0 when the mask is empty.
-    """
+    """Divergence (N,) fp32, in nats, at each masked position, in row-major
+    order of ``mask`` (B, T); ``trainable_logits`` and ``target_logits``:
+    (B, T, V) in any float dtype."""
     if trainable_logits.shape != target_logits.shape:
         raise ValueError(
             f"trainable and target logits differ in shape: {tuple(trainable_logits.shape)} vs "
@@ -141,7 +138,27 @@ def masked_divergence(
         target_logp = torch.log_softmax(target.float() / temperature, dim=-1)
         return divergence.per_token(trainable_logp, target_logp, **kwargs)
 
-    total = chunked_rows(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size).sum()
+    return chunked_rows(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size)
+
+
+def masked_divergence(
+    divergence: Divergence,
+    trainable_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **params: float,
+) -> torch.Tensor:
+    """Mean divergence over the masked positions.
+
+    ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
+    ``mask``: (B, T), true at the response positions to score.  Returns a
+    scalar fp32 tensor (nats per response token); 0 when the mask is empty.
+    """
+    total = masked_token_divergences(divergence, trainable_logits, target_logits, mask, temperature=temperature,
+                                     chunk_size=chunk_size, **params).sum()
     return total / mask.sum().clamp(min=1)
 
 

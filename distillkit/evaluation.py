@@ -105,6 +105,24 @@ def _run_settings(model_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model (on the GPU when there is one), tokenizer and recipe (from
+    ``run.json``, else {}) in a model folder, or in a run folder's ``best/``;
+    ``model.name_or_path`` is the folder read."""
+    from transformers import AutoModelForCausalLM
+
+    from distillkit.models import load_tokenizer
+
+    if (model_dir / "best").is_dir():
+        model_dir = model_dir / "best"
+    if not (model_dir / "config.json").is_file():
+        raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model, tokenizer, _run_settings(model_dir)
+
+
 def evaluate_model_dir(
     model_dir: Path,
     data: str,
@@ -119,23 +137,14 @@ def evaluate_model_dir(
     checkpoint) on a registered dataset's test split or a data file, with the
     lengths and sampling settings of the run that produced it.  Returns a
     JSON-ready report (per-seed scores, mean, std, generated tokens)."""
-    from transformers import AutoModelForCausalLM
-
     from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
     from distillkit.data import load_eval_set, tokenize
-    from distillkit.models import load_tokenizer, max_positions
+    from distillkit.models import max_positions
 
-    if (model_dir / "best").is_dir():
-        model_dir = model_dir / "best"
-    if not (model_dir / "config.json").is_file():
-        raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
-    recipe = _run_settings(model_dir)
+    model, tokenizer, recipe = load_model_dir(model_dir)
     data_cfg = build(DataConfig, recipe.get("data", {}), "data")
     generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
     eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     positions = max_positions(model)
     if positions is not None and positions < data_cfg.max_length:
         notice(f"note: the model takes {positions} positions; max_length {data_cfg.max_length} -> {positions}")
@@ -148,6 +157,6 @@ def evaluate_model_dir(
     result = evaluate(model, tokenizer, tokenized, settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
                       seeds=seeds, batch_size=batch_size or generation.batch_size, max_length=data_cfg.max_length,
                       progress=None if progress is None else (lambda n: progress(n, total)))
-    return {"model": str(model_dir), "data": data, "examples": len(tokenized),
+    return {"model": model.name_or_path, "data": data, "examples": len(tokenized),
             "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
             "generated_tokens": result.generated_tokens}
