@@ -195,6 +195,22 @@ def model_identity(spec: ModelConfig, teacher: ModelConfig | None = None) -> dic
     return identity
 
 
+def config_from_recipe(spec: ModelConfig, tokenizer: Any, role: str) -> Any:
+    """The transformers config of a recipe's ``config = {model_type = ..., ...}``
+    table, with the tokenizer's vocabulary size and special tokens."""
+    settings = dict(spec.config)
+    model_type = settings.pop("model_type", None)
+    if model_type is None:
+        raise DistillkitError(f"{role}.config needs a model_type (e.g. \"gpt2\")")
+    settings.setdefault("vocab_size", len(tokenizer))
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        settings.setdefault(name, getattr(tokenizer, name))
+    try:
+        return AutoConfig.for_model(model_type, **settings)
+    except ValueError as err:
+        raise DistillkitError(f"{role}.config: {err}") from None
+
+
 def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelConfig | None = None) -> torch.nn.Module:
     """The ``role`` ("teacher"/"student") model described by ``spec``.
     ``teacher`` is the teacher's spec, needed by ``init_from = "teacher"``
@@ -221,17 +237,7 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelCo
         if spec.dtype != "auto":
             model = model.to(DTYPES[spec.dtype])
     elif spec.config is not None:
-        settings = dict(spec.config)
-        model_type = settings.pop("model_type", None)
-        if model_type is None:
-            raise DistillkitError(f"{role}.config needs a model_type (e.g. \"gpt2\")")
-        settings.setdefault("vocab_size", len(tokenizer))
-        for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            settings.setdefault(name, getattr(tokenizer, name))
-        try:
-            config = AutoConfig.for_model(model_type, **settings)
-        except ValueError as err:
-            raise DistillkitError(f"{role}.config: {err}") from None
+        config = config_from_recipe(spec, tokenizer, role)
         with torch.random.fork_rng():
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])

@@ -1,0 +1,337 @@
+"""``distillkit bench``: methods side by side on one recipe.
+
+Every method trains from the same prepared starting checkpoints (the cached
+SFT teacher and SFT student) with the recipe's budget, each in its own
+process (``distillkit train --resume``, log in ``METHOD/train.log``), so its
+peak memory is its own.  Then the teacher and every student are evaluated on
+the test sets with the same seeds (cached per set and seed).  Output folder:
+
+- ``METHOD/``: the run folders; ``results.json``: every finished cell, so a
+  killed bench resumes and skips them;
+- ``quality.{md,csv}`` (shaped like the paper's Table 1: mean ROUGE-L over
+  seeds, best student per set in bold), ``cost.{md,csv}`` (like Table 3:
+  training time, peak memory, tokens generated, trainable parameters),
+  ``tables.json``, ``quality.png`` and ``quality_vs_cost.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from distillkit.config import load_recipe
+from distillkit.errors import DistillkitError
+from distillkit.registry import did_you_mean, registry
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class BenchConfig:
+    recipe: str  # a recipe name or .toml path
+    methods: list[str]
+    sets: list[str]
+    seeds: list[int]
+    output: Path
+    limit: int = 0  # evaluate on the first N examples of each set (0: all)
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Fail before any work on an unknown method or set name."""
+        methods, datasets = registry().methods, registry().datasets
+        for name in self.methods:
+            methods[name]  # raises with a "did you mean"
+        for name in self.sets:
+            if name not in datasets.names() and not Path(name).is_file():
+                raise DistillkitError(f"unknown test set '{name}'{did_you_mean(name, datasets.names())}; "
+                                      f"registered: {', '.join(datasets.names())} (or give a data file)")
+
+
+class Results:
+    """``results.json``: finished cells, rewritten atomically after each one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
+        if path.is_file():
+            self.data.update(json.loads(path.read_text()))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def cost_record(run_dir: Path) -> dict[str, Any]:
+    """Training cost of a finished run, from its manifest and last checkpoint."""
+    manifest = json.loads((run_dir / "run.json").read_text())
+    checkpoints = sorted(run_dir.glob(f"checkpoints/step-*/{STATE_FILE}"))
+    if not checkpoints:
+        raise DistillkitError(f"{run_dir} has no finished checkpoint; see {run_dir / 'train.log'}")
+    state = json.loads(checkpoints[-1].read_text())
+    return {"steps": state["step"], "total_steps": manifest["total_steps"], "train_s": state["elapsed_s"],
+            "peak_memory_mb": state.get("peak_memory_mb"), "generated_tokens": state.get("generated_tokens"),
+            "trainable_parameters": sum(manifest.get("trainable_parameters", {}).values()) or None}
+
+
+def train_method(config: BenchConfig, method: str) -> dict[str, Any]:
+    """Train (or finish) ``method`` in a child process; returns its cost record."""
+    run_dir = config.output / method
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "distillkit", "train", "--method", method, "--recipe", config.recipe,
+               "--output", str(run_dir), "--resume", *(arg for o in config.overrides for arg in ("--set", o))]
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
+        raise DistillkitError(f"training {method} failed (exit {code}): {' '.join(tail)}; see {run_dir / 'train.log'}")
+    return cost_record(run_dir)
+
+
+def teacher_dir(config: BenchConfig) -> Path | None:
+    """The prepared teacher the runs used (their ``teacher`` link)."""
+    links = [config.output / m / "teacher" for m in config.methods]
+    return next((link.resolve() for link in links if link.exists()), None)
+
+
+# --- tables ------------------------------------------------------------------
+
+
+def quality_rows(results: Results, models: list[str], sets: list[str]) -> list[dict[str, Any]]:
+    """One row per model: mean and std of ROUGE-L per set, and the average of the means."""
+    rows = []
+    for model in models:
+        reports = results.data["eval"].get(model, {})
+        row: dict[str, Any] = {"model": model}
+        for name in sets:
+            report = reports.get(name, {})
+            row[name] = None if "mean" not in report else {"mean": report["mean"], "std": report["std"]}
+        means = [row[s]["mean"] for s in sets if row[s] is not None]
+        row["average"] = statistics.fmean(means) if len(means) == len(sets) else None
+        rows.append(row)
+    return rows
+
+
+def cost_rows(results: Results, methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        train = results.data["train"].get(method, {})
+        generated = sum(r.get("generated_tokens", 0) for r in results.data["eval"].get(method, {}).values())
+        rows.append({"method": method, **train, "eval_generated_tokens": generated})
+    return rows
+
+
+def _best_students(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, str]:
+    best = {}
+    for column in columns:
+        scored = [(r[column]["mean"] if isinstance(r[column], dict) else r[column], r["model"])
+                  for r in rows if r["model"] != "teacher" and r[column] is not None]
+        if scored:
+            best[column] = max(scored)[1]
+    return best
+
+
+def quality_markdown(rows: list[dict[str, Any]], sets: list[str], missing: dict[str, str]) -> str:
+    columns = [*sets, "average"]
+    best = _best_students(rows, columns)
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row[column]
+            if value is None:
+                cells.append("missing" if column in missing else "—")
+                continue
+            text = f"{value['mean']:.2f} ± {value['std']:.2f}" if isinstance(value, dict) else f"{value:.2f}"
+            cells.append(f"**{text}**" if best.get(column) == row["model"] else text)
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    notes = [f"- {name}: missing ({reason})" for name, reason in missing.items()]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+COST_COLUMNS = [("train_s", "train time (s, steps only)", "{:.0f}"), ("seconds_per_step", "s/step", "{:.2f}"),
+                ("peak_memory_mb", "peak memory (MB)", "{:.0f}"), ("generated_tokens", "tokens generated", "{:,}"),
+                ("trainable_parameters", "trainable parameters", "{:,}"),
+                ("eval_generated_tokens", "eval tokens generated", "{:,}")]
+
+
+def cost_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | " + " | ".join(h for _, h, _ in COST_COLUMNS) + " |", "|---|" + "---|" * len(COST_COLUMNS)]
+    for row in rows:
+        row["seconds_per_step"] = row["train_s"] / row["steps"] if row.get("steps") else None
+        cells = ["—" if row.get(k) is None else f.format(row[k]) for k, _, f in COST_COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    flat = [{k: (v["mean"] if isinstance(v, dict) else v) for k, v in row.items()} for row in rows]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str, Any]], sets: list[str]) -> None:
+    """``quality.png``: ROUGE-L per set and model (error bars: std over
+    seeds); ``quality_vs_cost.png``: average ROUGE-L against training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [s for s in sets if any(r[s] is not None for r in quality)]
+    width = 0.8 / max(len(quality), 1)
+    figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(present) + 2), 4))
+    for index, row in enumerate(quality):
+        values = [row[s]["mean"] if row[s] else 0.0 for s in present]
+        errors = [row[s]["std"] if row[s] else 0.0 for s in present]
+        axes.bar([i + index * width for i in range(len(present))], values, width, yerr=errors, label=row["model"])
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(present))], present)
+    axes.set_ylabel("ROUGE-L")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output / "quality.png", dpi=120)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    averages = {r["model"]: r["average"] for r in quality}
+    for row in cost:
+        if row.get("train_s") is not None and averages.get(row["method"]) is not None:
+            axes.scatter(row["train_s"], averages[row["method"]])
+            axes.annotate(row["method"], (row["train_s"], averages[row["method"]]))
+    axes.set_xlabel("training time (s, steps only)")
+    axes.set_ylabel("average ROUGE-L over the sets")
+    figure.tight_layout()
+    figure.savefig(output / "quality_vs_cost.png", dpi=120)
+    plt.close("all")
+
+
+def write_tables(config: BenchConfig, results: Results) -> dict[str, str]:
+    models = (["teacher"] if "teacher" in results.data["eval"] else []) + config.methods
+    quality = quality_rows(results, models, config.sets)
+    missing = {name: report["missing"] for reports in results.data["eval"].values()
+               for name, report in reports.items() if "missing" in report}
+    cost = cost_rows(results, config.methods)
+    tables = {"quality": quality_markdown(quality, config.sets, missing), "cost": cost_markdown(cost)}
+    for name, text in tables.items():
+        (config.output / f"{name}.md").write_text(text + "\n")
+    write_csv(config.output / "quality.csv", quality)
+    write_csv(config.output / "cost.csv", cost)
+    (config.output / "tables.json").write_text(json.dumps(
+        {"recipe": config.recipe, "seeds": config.seeds, "limit": config.limit, "quality": quality, "cost": cost},
+        indent=2) + "\n")
+    write_plots(config.output, quality, cost, config.sets)
+    return tables
+
+
+# --- running -----------------------------------------------------------------
+
+
+class LiveView:
+    """A rich table of the cells and their status, redrawn as they change."""
+
+    def __init__(self, cells: list[str]) -> None:
+        self.status = dict.fromkeys(cells, "pending")
+        self.detail = ""
+
+    def __rich__(self) -> Group:
+        table = Table("cell", "status", title="distillkit bench")
+        styles = {"running": "bold yellow", "done": "green", "failed": "red", "skipped (done before)": "dim"}
+        for cell, status in self.status.items():
+            table.add_row(cell, f"[{styles.get(status, '')}]{status}[/]" if status in styles else status)
+        return Group(table, self.detail)
+
+
+def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
+    """Train and evaluate every cell not done yet; write and return the tables."""
+    from distillkit.evaluation import evaluate_sets
+
+    config.validate()
+    config.output.mkdir(parents=True, exist_ok=True)
+    results = Results(config.output / "results.json")
+    cells = [f"train {m}" for m in config.methods] + [f"eval {m}" for m in ["teacher", *config.methods]]
+    view = LiveView(cells)
+    failures = []
+
+    def cell(name: str, done: bool, work: Callable[[], None]) -> None:
+        if done:
+            view.status[name] = "skipped (done before)"
+            return
+        view.status[name] = "running"
+        started = time.perf_counter()
+        try:
+            work()
+            view.status[name] = f"done ({time.perf_counter() - started:.0f} s)"
+        except DistillkitError as error:
+            view.status[name] = "failed"
+            failures.append(f"{name}: {error}")
+        results.save()
+
+    with Live(view, console=console, refresh_per_second=2):
+        for method in config.methods:
+            def train(method: str = method) -> None:
+                results.data["train"][method] = train_method(config, method)
+            cell(f"train {method}", method in results.data["train"], train)
+        models = {"teacher": teacher_dir(config), **{m: config.output / m for m in config.methods}}
+        for model, folder in models.items():
+            todo = [s for s in config.sets if s not in results.data["eval"].get(model, {})]
+
+            def evaluate(model: str = model, folder: Path | None = folder, todo: list[str] = todo) -> None:
+                if folder is None or not (folder / "best").is_dir() and not (folder / "config.json").is_file():
+                    raise DistillkitError(f"no trained {model} to evaluate")
+
+                def progress(n: int, total: int) -> None:
+                    view.detail = f"eval {model}: {n}/{total} generations"
+
+                reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, progress=progress,
+                                        notice=lambda text: None)
+                results.data["eval"].setdefault(model, {}).update(reports)
+            cell(f"eval {model}", not todo, evaluate)
+        view.detail = ""
+    tables = write_tables(config, results)
+    if failures:
+        raise DistillkitError("; ".join(failures))
+    return tables
+
+
+def dry_run(config: BenchConfig, console: Console) -> None:
+    """Print the cells and the memory estimate per model, and whether it fits."""
+    from distillkit.pipeline import recipe_tokenizer
+    from distillkit.planning import available_memory, estimate
+
+    config.validate()
+    recipe = load_recipe(config.recipe, config.overrides)
+    plan = Table("cell", "what", title=f"bench plan: recipe {recipe.name} -> {config.output}")
+    for method in config.methods:
+        method_spec = registry().methods[method]
+        plan.add_row(f"train {method}", f"source {method_spec.source}, teacher {method_spec.teacher}, "
+                                        f"from {method_spec.student_init} student")
+    for model in ["teacher", *config.methods]:
+        plan.add_row(f"eval {model}", f"{', '.join(config.sets)} x seeds {config.seeds}"
+                                      + (f", first {config.limit} examples" if config.limit else ""))
+    console.print(plan)
+    tokenizer, _ = recipe_tokenizer(recipe)
+    rows = estimate(recipe, tokenizer)
+    memory = Table("model", "parameters", "dtype", "estimate (MiB)", "note", title="memory estimate (training)")
+    for row in rows:
+        memory.add_row(row.role, "?" if row.parameters is None else f"{row.parameters:,}", row.dtype,
+                       "?" if row.megabytes is None else f"{row.megabytes:,.0f}", row.note)
+    console.print(memory)
+    device, free = available_memory()
+    if any(r.megabytes is None for r in rows):
+        console.print(f"{device}: {free:,.0f} MiB free; cannot tell whether it fits (a model's config is unknown)")
+        return
+    needed = sum(r.megabytes for r in rows)
+    verdict = "fits" if needed <= free else "does NOT fit"
+    console.print(f"{device}: {free:,.0f} MiB free; estimate {needed:,.0f} MiB (without activations): {verdict}")
