@@ -136,5 +136,48 @@ def eval_(
         output.write_text(json.dumps(report, indent=2) + "\n")
 
 
+analyze = typer.Typer(no_args_is_help=True, help="Analyses of distilled students.")
+app.add_typer(analyze, name="analyze")
+
+
+@analyze.command("exposure-bias")
+def exposure_bias(
+    teacher: Annotated[Path, typer.Option(help="the fixed teacher's model folder (e.g. runs/tiny/kd/teacher)")],
+    student: Annotated[list[Path], typer.Option(help="a student's model or run folder (repeatable)")],
+    label: Annotated[list[str] | None, typer.Option(help="a name per --student (default: its folder name)")] = None,
+    data: Annotated[str, typer.Option(help="registered dataset name (its test split) or a data file")] = "dolly",
+    limit: Annotated[int, typer.Option(help="use the first N prompts (0: all)")] = 100,
+    max_length: Annotated[int, typer.Option(min=1, help="longest generation length l, in tokens")] = 50,
+    samples: Annotated[int, typer.Option(min=1, help="sampled responses per prompt and model")] = 3,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 10,
+    output: Annotated[Path, typer.Option(help="folder for exposure_bias.json and .png")] = Path("runs/exposure-bias"),
+    batch_size: Annotated[int, typer.Option(help="sequences per batch (0: the teacher run's)")] = 0,
+) -> None:
+    """ExAccErr(l): the excess KL(teacher || student) accumulated over l steps
+    on the student's own prefixes over the teacher's (PromptKD Eqs. 5-7)."""
+    _setup_logging()
+    from distillkit.analysis import exposure_bias_report, plot_exposure_bias
+
+    labels = label or [folder.name for folder in student]
+    try:
+        if len(labels) != len(student) or len(set(labels)) < len(labels):
+            raise DistillkitError(f"labels {labels} for {len(student)} --student folder(s); "
+                                  "give one distinct --label per --student")
+        report = exposure_bias_report(teacher, dict(zip(labels, student)), data, limit=limit, steps=max_length,
+                                      samples=samples, seed=seed, batch_size=batch_size, notice=err.print)
+    except DistillkitError as error:
+        _fail(error)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "exposure_bias.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_exposure_bias(report, output / "exposure_bias.png")
+    lengths = sorted({*range(10, max_length + 1, 10), max_length})
+    table = Table("student", *(f"l = {length}" for length in lengths),
+                  title=f"ExAccErr (%) on {data}, {report['examples']} prompts x {samples} samples")
+    for name, result in report["students"].items():
+        table.add_row(name, *(f"{result['ExAccErr'][length - 1]:.1f}" for length in lengths))
+    out.print(table)
+    out.print(f"written to {output}/exposure_bias.json and .png")
+
+
 def main() -> None:
     app()

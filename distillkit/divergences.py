@@ -142,23 +142,17 @@ def masked_token_divergences(
 
 
 def masked_divergence(
-    divergence: Divergence,
-    trainable_logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    **params: float,
+    divergence: Divergence, trainable_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+    **options: float,
 ) -> torch.Tensor:
     """Mean divergence over the masked positions.
 
     ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
-    ``mask``: (B, T), true at the response positions to score.  Returns a
-    scalar fp32 tensor (nats per response token); 0 when the mask is empty.
+    ``mask``: (B, T), true at the response positions to score; ``options``:
+    those of :func:`masked_token_divergences`.  Returns a scalar fp32 tensor
+    (nats per response token); 0 when the mask is empty.
     """
-    total = masked_token_divergences(divergence, trainable_logits, target_logits, mask, temperature=temperature,
-                                     chunk_size=chunk_size, **params).sum()
+    total = masked_token_divergences(divergence, trainable_logits, target_logits, mask, **options).sum()
     return total / mask.sum().clamp(min=1)
 
 
