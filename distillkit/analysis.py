@@ -8,8 +8,9 @@ the same with prefixes sampled from the teacher, and
 running at t (no EOS in ``y_<t``), is averaged over them per prompt (0 when
 none runs), then over prompts, and summed over steps.  Unlike it, step t
 scores the distribution of ``y_t`` (the reference scores that of ``y_{t+1}``,
-skipping t = 1), sampling does not block repeated 6-grams, and logits are
-sliced to the tokenizer's size.
+skipping t = 1), the per-prompt mean divides by the number of running
+samples (the reference adds 1e-3), sampling does not block repeated 6-grams,
+and logits are sliced to the tokenizer's size.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ExposureBias:
         return torch.where(self.r == self.e, torch.zeros_like(self.r), (self.r - self.e) / self.e * 100)
 
     def to_json(self) -> dict[str, list[float]]:
+        """``{"R", "E", "ExAccErr"}``: lists over l = 1..L."""
         return {"R": self.r.tolist(), "E": self.e.tolist(), "ExAccErr": self.ex_acc_err.tolist()}
 
 
@@ -137,12 +139,12 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
     settings = {"steps": steps, "samples": samples, "seed": seed, "batch_size": batch_size}
     notice(f"sampling {samples} teacher responses for each of {len(examples)} prompts")
     teacher_prefixes = sample_prefixes(teacher, tokenizer, examples, **settings)
+    longest = max(len(example.prompt_ids) for example in examples) + steps
     results = {}
     for label, folder in students.items():
         notice(f"measuring {label}")
         student, student_tokenizer, _ = load_model_dir(folder)
         check_shared_vocabulary(tokenizer, student_tokenizer)
-        longest = max(len(example.prompt_ids) for example in examples) + steps
         if (max_positions(student) or longest) < longest:
             raise DistillkitError(f"prompt + --max-length ({longest} tokens) exceed the {max_positions(student)} "
                                   f"positions of student '{label}'; lower --max-length")
