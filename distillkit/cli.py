@@ -100,40 +100,60 @@ def train(
 @app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Option(help="model folder, or a run folder (its best checkpoint is used)")],
-    data: Annotated[str, typer.Option(help="registered dataset name (its test split) or a data file")],
-    seeds: Annotated[str, typer.Option(help="comma-separated sampling seeds")] = "10,20,30,40,50",
-    limit: Annotated[int, typer.Option(help="evaluate only the first N examples (0: all)")] = 0,
-    output: Annotated[Path | None, typer.Option(help="write the scores to this JSON file")] = None,
+    data: Annotated[str, typer.Option(help="comma-separated test sets: registered dataset names (their test split, "
+                                           "e.g. dolly,selfinst,vicuna,sni,unni) or data files")],
+    seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the run's recipe's, "
+                                                   "else 10,20,30,40,50]")] = None,
+    limit: Annotated[int, typer.Option(help="evaluate only the first N examples of each set (0: all)")] = 0,
+    output: Annotated[Path | None, typer.Option(help="write the reports to this JSON file")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 0,
 ) -> None:
-    """Generate responses and report ROUGE-L per seed and the mean."""
+    """Generate responses and report ROUGE-L per set and seed, with mean ± std
+    over seeds (cached per set and seed: a rerun computes only new cells)."""
     _setup_logging()
-    from distillkit.evaluation import evaluate_model_dir
+    from distillkit.evaluation import evaluate_sets, recipe_seeds
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        _fail(DistillkitError(f"--seeds expects comma-separated integers, got '{seeds}'"))
+    sets = _names(data)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
+        seed_list = _seed_list(seeds) if seeds else recipe_seeds(model)
         with Progress(*columns, console=err) as progress:
-            task = progress.add_task(f"eval {data}", total=None)
-
-            def advance(n: int, total: int) -> None:
-                progress.update(task, total=total, advance=n)
-
-            report = evaluate_model_dir(model, data, seeds=seed_list, limit=limit, batch_size=batch_size,
-                                        progress=advance, notice=err.print)
+            task = progress.add_task(f"eval {', '.join(sets)}", total=None)
+            reports = evaluate_sets(model, sets, seeds=seed_list, limit=limit, batch_size=batch_size,
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total),
+                                    notice=err.print)
     except DistillkitError as error:
         _fail(error)
-    table = Table("seed", "ROUGE-L", title=f"{report['model']} on {data} ({report['examples']} examples)")
-    for seed, score in report["rougeL"].items():
-        table.add_row(seed, f"{score:.2f}")
-    table.add_row("mean ± std", f"{report['mean']:.2f} ± {report['std']:.2f}", style="bold")
-    out.print(table)
+    out.print(_eval_table(reports, seed_list, model))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
+        written = reports[sets[0]] if len(reports) == 1 else reports
+        output.write_text(json.dumps(written, indent=2) + "\n")
+
+
+def _eval_table(reports: dict[str, dict], seeds: list[int], model: Path) -> Table:
+    """Rows: test sets; columns: mean ± std, ROUGE-L per seed, examples, tokens generated."""
+    table = Table("set", "mean ± std", *(f"seed {s}" for s in seeds), "examples", "generated tokens",
+                  title=f"ROUGE-L of {model}")
+    for name, report in reports.items():
+        if "missing" in report:
+            table.add_row(name, f"missing: {report['missing']}", *[""] * (len(seeds) + 2), style="dim")
+            continue
+        table.add_row(name, f"{report['mean']:.2f} ± {report['std']:.2f}",
+                      *(f"{report['rougeL'][str(s)]:.2f}" for s in seeds), str(report["examples"]),
+                      f"{report['generated_tokens']:,}")
+    return table
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _names(text)]
+    except ValueError:
+        raise DistillkitError(f"--seeds expects comma-separated integers, got '{text}'") from None
 
 
 analyze = typer.Typer(no_args_is_help=True, help="Analyses of distilled students.")

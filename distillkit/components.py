@@ -8,11 +8,13 @@ averages over all response tokens of the optimizer step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from distillkit.batch import ExampleBatch, TrainBatch
@@ -172,14 +174,15 @@ class InstructionExample:
 @dataclass(frozen=True)
 class DataFormat:
     """A row format: ``to_example(row, origin)`` maps one raw row to an
-    :class:`InstructionExample`, raising ``ValueError`` with a one-line reason
-    for a malformed row.  ``fields`` are the columns that identify the format
-    (used by ``format = "auto"``)."""
+    :class:`InstructionExample` (or to a list of them, for a row holding
+    several instances, such as an S-NI task file), raising ``ValueError`` with
+    a one-line reason for a malformed row.  ``fields`` are the columns that
+    identify the format (used by ``format = "auto"``)."""
 
     name: str
     description: str
     fields: frozenset[str]
-    to_example: Callable[[dict[str, Any], str], InstructionExample]
+    to_example: Callable[[dict[str, Any], str], InstructionExample | list[InstructionExample]]
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,15 @@ class DatasetSpec:
     ``validation``, ``test``) to files inside the folder.  A dataset with a
     single file (``split_sizes`` set) is split reproducibly by seed into
     validation/test sizes, the rest being train.
+
+    - ``read(path)`` yields the raw ``(row, origin)`` pairs of a split file
+      (default: JSONL/JSON/parquet rows); set it for a split that spans
+      files, e.g. questions joined with their answers by id.
+    - ``min_reference_tokens``: evaluation keeps only examples whose first
+      reference has at least this many tokens (counted with the evaluated
+      model's tokenizer; the paper's S-NI and UnNI filter is 11 GPT-2 tokens).
+    - ``missing_reason``: set when the data is known not to be available; the
+      dataset then loads nothing and evaluation reports it as missing.
     """
 
     name: str
@@ -200,3 +212,5 @@ class DatasetSpec:
     files: dict[str, str] = field(default_factory=dict)
     split_sizes: dict[str, int] = field(default_factory=dict)
     missing_reason: str = ""
+    read: Callable[[Path], Iterator[tuple[dict[str, Any], str]]] | None = None
+    min_reference_tokens: int = 0

@@ -10,6 +10,7 @@ only then on the hub.  Prompts use the Alpaca template of the PromptKD paper
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from distillkit.components import DataFormat, DatasetSpec, InstructionExample
 from distillkit.config import DataConfig
 from distillkit.errors import DistillkitError
 from distillkit.registry import registry
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DISTILLKIT_DATA_DIR"
 SPLITS = ("train", "validation", "test")
@@ -56,8 +59,10 @@ def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
     return value
 
 
-def _references(value: Any, key: str) -> tuple[str, ...]:
-    refs = [value] if isinstance(value, str) else value
+def _references(row: dict[str, Any], key: str) -> tuple[str, ...]:
+    if key not in row:
+        raise ValueError(f"missing field '{key}'")
+    refs = [row[key]] if isinstance(row[key], str) else row[key]
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
         raise ValueError(f"field '{key}' must be a string or a list of strings")
     if not refs or not refs[0].strip():
@@ -67,51 +72,57 @@ def _references(value: Any, key: str) -> tuple[str, ...]:
 
 def dolly_row(row: dict[str, Any], origin: str) -> InstructionExample:
     """Raw Dolly (hub): instruction, context, response, category."""
-    if "response" not in row:
-        raise ValueError("missing field 'response'")
     return InstructionExample(_text(row, "instruction"), _text(row, "context", required=False),
-                              _references(row["response"], "response"), origin)
+                              _references(row, "response"), origin)
 
 
 def processed_row(row: dict[str, Any], origin: str) -> InstructionExample:
     """MiniLLM/PromptKD processed: instruction, input (optional), output (one or a list), prompt (ignored)."""
-    if "output" not in row:
-        raise ValueError("missing field 'output'")
     return InstructionExample(_text(row, "instruction"), _text(row, "input", required=False),
-                              _references(row["output"], "output"), origin)
+                              _references(row, "output"), origin)
 
 
-BUILTIN_FORMATS = [
-    DataFormat("dolly", "raw databricks-dolly-15k rows: instruction, context, response, category",
-               frozenset({"instruction", "context", "response"}), dolly_row),
-    DataFormat("minillm", "processed rows of MiniLLM/PromptKD: instruction, input, output, prompt",
-               frozenset({"instruction", "output"}), processed_row),
-]
-
-BUILTIN_DATASETS = [
-    DatasetSpec("dolly", "Dolly in MiniLLM's processed split (train 11,235 / dev 1,000 / test 500)",
-                "databricks-dolly-15k", "minillm",
-                files={"train": "minillm/train.jsonl", "validation": "minillm/dev.jsonl",
-                       "test": "minillm/valid.jsonl"}),
-    DatasetSpec("dolly-raw", "raw databricks-dolly-15k from the hub, split by seed",
-                "databricks/databricks-dolly-15k", "dolly", split_sizes=dict(DEFAULT_SPLIT_SIZES)),
-    DatasetSpec("selfinst", "Self-Instruct user-oriented, MiniLLM's processed 242 rows", "self-instruct-user-oriented",
-                "minillm", files={"test": "minillm/valid.jsonl"}),
-    DatasetSpec("vicuna", "Vicuna 80 questions, GPT-3.5 references", "vicuna-80", "minillm",
-                files={"test": "minillm/valid.jsonl"}),
-    DatasetSpec("sni", "Super-NaturalInstructions test, references >= 11 GPT-2 tokens (1,694 rows)",
-                "super-natural-instructions", "minillm", files={"test": "minillm/11_/valid.jsonl"}),
-]
+def _instance_example(instruction: str, instance: Any, where: str, origin: str) -> InstructionExample:
+    """The example of one ``{input, output}`` instance of a multi-instance row."""
+    try:
+        if not isinstance(instance, dict):
+            raise ValueError(f"expected an object, got {type(instance).__name__}")
+        return InstructionExample(instruction, _text(instance, "input", required=False),
+                                  _references(instance, "output"), f"{origin} {where}")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
-@hookimpl
-def distillkit_register_data_formats() -> list[DataFormat]:
-    return BUILTIN_FORMATS
+def _instance_examples(row: dict[str, Any], key: str, instruction: str, origin: str) -> list[InstructionExample]:
+    instances = row.get(key)
+    if not isinstance(instances, list) or not instances:
+        raise ValueError(f"field '{key}' must be a non-empty list of instances")
+    return [_instance_example(instruction, instance, f"{key}[{index}]", origin)
+            for index, instance in enumerate(instances)]
 
 
-@hookimpl
-def distillkit_register_datasets() -> list[DatasetSpec]:
-    return BUILTIN_DATASETS
+def instances_row(row: dict[str, Any], origin: str) -> list[InstructionExample]:
+    """Self-Instruct user-oriented and UnNI core rows: instruction, instances
+    [{input, output, ...}]; one example per instance.  UnNI's per-instance
+    ``constraints`` and ``instruction_with_input`` are not used (MiniLLM's
+    processed UnNI rows hold instruction, input and output only)."""
+    return _instance_examples(row, "instances", _text(row, "instruction"), origin)
+
+
+def sni_task_row(row: dict[str, Any], origin: str) -> list[InstructionExample]:
+    """A Super-NaturalInstructions task file: Definition [text], Instances
+    [{id, input, output: [references]}], ...; one example per instance whose
+    instruction is the Definition (as in MiniLLM's processed S-NI rows)."""
+    definition = row.get("Definition")
+    if not isinstance(definition, list) or not definition or not isinstance(definition[0], str):
+        raise ValueError("field 'Definition' must be a list holding the task definition")
+    return _instance_examples(row, "Instances", definition[0], origin)
+
+
+def vicuna_row(row: dict[str, Any], origin: str) -> InstructionExample:
+    """A Vicuna question (question_id, text, category) with its reference in
+    ``answer`` (added by :func:`vicuna_rows` from the answer file)."""
+    return InstructionExample(_text(row, "text"), "", _references(row, "answer"), origin)
 
 
 # --- reading files -------------------------------------------------------------
@@ -137,13 +148,10 @@ def read_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
                     raise DistillkitError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
                 yield row, f"{path}:{number}"
     elif suffix == ".json":
-        with open(path, encoding="utf-8") as handle:
-            try:
-                rows = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise DistillkitError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        rows = _load_json(path)
+        rows = [rows] if isinstance(rows, dict) else rows
         if not isinstance(rows, list):
-            raise DistillkitError(f"{path}: expected a JSON list of objects")
+            raise DistillkitError(f"{path}: expected a JSON list of objects or one object")
         for number, row in enumerate(rows):
             yield row, f"{path}[{number}]"
     elif suffix == ".parquet":
@@ -153,6 +161,128 @@ def read_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
             yield row, f"{path}[{number}]"
     else:
         raise DistillkitError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json or .parquet")
+
+
+def _load_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise DistillkitError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
+VICUNA_ANSWERS = "answer_gpt35.jsonl"
+
+
+def vicuna_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """The Vicuna questions of ``path`` (question.jsonl), each with the text of
+    its GPT-3.5 answer (``answer_gpt35.jsonl`` beside it, joined on
+    question_id) as ``answer``."""
+    answers = {}
+    for row, origin in read_rows(path.with_name(VICUNA_ANSWERS)):
+        if not isinstance(row.get("text"), str):
+            raise DistillkitError(f"{origin}: field 'text' (the answer) must be a string")
+        answers[row.get("question_id")] = row["text"]
+    for row, origin in read_rows(path):
+        if row.get("question_id") not in answers:
+            raise DistillkitError(f"{origin}: no answer with question_id {row.get('question_id')!r} in {VICUNA_ANSWERS}")
+        yield {**row, "answer": answers[row["question_id"]]}, origin
+
+
+def _sni_references(path: Path) -> dict[str, dict[str, Any]]:
+    """task id -> {instance id -> references} of S-NI's test_references.jsonl, in file order."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for row, origin in read_rows(path):
+        task, instance = row.get("task_id"), row.get("id")
+        if not isinstance(task, str) or not isinstance(instance, str):
+            raise DistillkitError(f"{origin}: fields 'task_id' and 'id' must be strings")
+        tasks.setdefault(task, {})[instance] = row.get("references")
+    return tasks
+
+
+def sni_task_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """S-NI's official test instances.  ``path`` is test_references.jsonl
+    (its task ids are those of splits/default/test_tasks.txt); yields the task
+    file ``tasks/<task_id>.json`` of each test task found beside it, its
+    Instances cut to the referenced ids, with the official references as
+    outputs.  Absent task files are left out with a warning (the shared data
+    holds 3 of the 119)."""
+    tasks = _sni_references(path)
+    files = {task: path.parent / "tasks" / f"{task}.json" for task in tasks}
+    present = [task for task, file in files.items() if file.is_file()]
+    if len(present) < len(tasks):
+        log.warning("S-NI: %d of %d test task files found in %s; the other %d tasks are left out",
+                    len(present), len(tasks), path.parent / "tasks", len(tasks) - len(present))
+    for task in present:
+        data, references = _load_json(files[task]), tasks[task]
+        if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
+            raise DistillkitError(f"{files[task]}: expected an S-NI task object with a list 'Instances'")
+        instances = [{**instance, "output": references[instance["id"]]} for instance in data["Instances"]
+                     if isinstance(instance, dict) and instance.get("id") in references]
+        if not instances:
+            raise DistillkitError(f"{files[task]}: none of its Instances has a test id of {path.name}")
+        yield {**data, "Instances": instances}, str(files[task])
+
+
+# --- registration ------------------------------------------------------------
+
+
+BUILTIN_FORMATS = [
+    DataFormat("dolly", "raw databricks-dolly-15k rows: instruction, context, response, category",
+               frozenset({"instruction", "context", "response"}), dolly_row),
+    DataFormat("minillm", "processed rows of MiniLLM/PromptKD: instruction, input, output, prompt",
+               frozenset({"instruction", "output"}), processed_row),
+    DataFormat("self-instruct", "Self-Instruct user-oriented rows: id, motivation_app, instruction, "
+               "instances [{input, output}]", frozenset({"id", "motivation_app", "instruction", "instances"}),
+               instances_row),
+    DataFormat("unni-core", "Unnatural Instructions core rows: instruction, instances [{instruction_with_input, "
+               "input, constraints, output}]", frozenset({"instruction", "instances"}), instances_row),
+    DataFormat("vicuna", "Vicuna questions (question_id, text, category) joined with a reference 'answer'",
+               frozenset({"question_id", "text"}), vicuna_row),
+    DataFormat("sni-task", "Super-NaturalInstructions task files: Definition, Instances [{id, input, output}], ...",
+               frozenset({"Definition", "Instances"}), sni_task_row),
+]
+
+BUILTIN_DATASETS = [
+    DatasetSpec("dolly", "Dolly in MiniLLM's processed split (train 11,235 / dev 1,000 / test 500)",
+                "databricks-dolly-15k", "minillm",
+                files={"train": "minillm/train.jsonl", "validation": "minillm/dev.jsonl",
+                       "test": "minillm/valid.jsonl"}),
+    DatasetSpec("dolly-raw", "raw databricks-dolly-15k from the hub, split by seed",
+                "databricks/databricks-dolly-15k", "dolly", split_sizes=dict(DEFAULT_SPLIT_SIZES)),
+    DatasetSpec("selfinst", "Self-Instruct user-oriented, MiniLLM's processed 242 rows", "self-instruct-user-oriented",
+                "minillm", files={"test": "minillm/valid.jsonl"}),
+    DatasetSpec("vicuna", "Vicuna 80 questions, GPT-3.5 references", "vicuna-80", "minillm",
+                files={"test": "minillm/valid.jsonl"}),
+    DatasetSpec("sni", "Super-NaturalInstructions test, references >= 11 GPT-2 tokens (1,694 rows)",
+                "super-natural-instructions", "minillm", files={"test": "minillm/11_/valid.jsonl"}),
+    DatasetSpec("selfinst-raw", "Self-Instruct user-oriented, the raw 252 instructions", "self-instruct-user-oriented",
+                "self-instruct", files={"test": "user_oriented_instructions.jsonl"}),
+    DatasetSpec("vicuna-raw", "Vicuna 80 questions joined with their GPT-3.5 answers (FastChat files)", "vicuna-80",
+                "vicuna", files={"test": "question.jsonl"}, read=vicuna_rows),
+    DatasetSpec("sni-raw", "Super-NaturalInstructions official test instances from the task files present "
+                "(3 of 119 in the shared data), references >= 11 tokens", "super-natural-instructions", "sni-task",
+                files={"test": "test_references.jsonl"}, read=sni_task_rows,
+                min_reference_tokens=11),
+    DatasetSpec("unni", "Unnatural Instructions core set, references >= 11 tokens", "unnatural-instructions",
+                "unni-core", files={"test": "core_data.jsonl"}, min_reference_tokens=11,
+                missing_reason="the UnNI eval data is not in the shared data: neither UnNI's core_data.jsonl nor "
+                "MiniLLM's processed uinst/11_/valid.jsonl could be obtained (dskd_uinst_valid_1050.jsonl there "
+                "has 1-2 word answers and is not the eval set)"),
+]
+
+
+@hookimpl
+def distillkit_register_data_formats() -> list[DataFormat]:
+    return BUILTIN_FORMATS
+
+
+@hookimpl
+def distillkit_register_datasets() -> list[DatasetSpec]:
+    return BUILTIN_DATASETS
+
+
+# --- detecting formats -------------------------------------------------------
 
 
 def detect_format(row: dict[str, Any], origin: str) -> DataFormat:
@@ -173,7 +303,8 @@ def parse_rows(rows: Iterator[tuple[dict[str, Any], str]], format_name: str) -> 
     for row, origin in rows:
         data_format = data_format or detect_format(row, origin)
         try:
-            examples.append(data_format.to_example(row, origin))
+            mapped = data_format.to_example(row, origin)
+            examples.extend(mapped if isinstance(mapped, list) else [mapped])
         except ValueError as err:
             raise DistillkitError(f"{origin}: {err} (format '{data_format.name}')") from None
     return examples
@@ -228,14 +359,14 @@ def _split_by_seed(examples: list[InstructionExample], sizes: dict[str, int], se
 def load_split(config: DataConfig, split: str) -> list[InstructionExample]:
     """Examples of one split (``train``, ``validation`` or ``test``) of the
     configured dataset."""
-    datasets = registry().datasets
-    if config.dataset in datasets:
-        spec = datasets[config.dataset]
+    spec = dataset_spec(config.dataset)
+    if spec is not None:
         location, files, fmt, sizes = spec.location, dict(spec.files), spec.format, dict(spec.split_sizes)
         if spec.missing_reason:
             raise DistillkitError(f"dataset '{spec.name}' is not available: {spec.missing_reason}")
     else:
         location, files, fmt, sizes = config.dataset, {}, config.format, dict(DEFAULT_SPLIT_SIZES)
+    read = read_rows if spec is None or spec.read is None else spec.read
     files.update(config.files)
     if config.format != "auto":
         fmt = config.format
@@ -252,16 +383,35 @@ def load_split(config: DataConfig, split: str) -> list[InstructionExample]:
         path = folder / files[split]
         if not path.is_file():
             raise DistillkitError(f"dataset '{config.dataset}': split file {path} does not exist")
-        return parse_rows(read_rows(path), fmt)
+        return parse_rows(read(path), fmt)
     rows = read_rows(folder) if folder is not None and folder.is_file() else _hub_rows(location, looked)
     return _split_by_seed(parse_rows(rows, fmt), sizes, config.split_seed)[split]
 
 
+def dataset_spec(name: str) -> DatasetSpec | None:
+    """The registered dataset ``name`` (None for a file, folder or hub id)."""
+    datasets = registry().datasets
+    return datasets[name] if name in datasets else None
+
+
 def load_eval_set(name_or_path: str) -> list[InstructionExample]:
-    """A registered dataset's test split, or every row of a local file."""
+    """A registered dataset's test split, or every row of a local file; before
+    the dataset's reference-length filter (:func:`keep_long_references`)."""
     if Path(name_or_path).is_file():
         return parse_rows(read_rows(Path(name_or_path)), "auto")
     return load_split(DataConfig(dataset=name_or_path), "test")
+
+
+def keep_long_references(examples: list[InstructionExample], tokenizer: Any,
+                         min_tokens: int) -> list[InstructionExample]:
+    """The examples whose first reference has at least ``min_tokens`` tokens of
+    ``tokenizer`` (without special tokens).  MiniLLM counted GPT-2 tokens; no
+    GPT-2 vocabulary is available offline, so evaluation counts with the
+    evaluated model's tokenizer (identical for GPT-2-family models)."""
+    if min_tokens <= 0 or not examples:
+        return examples
+    ids = tokenizer([e.references[0] for e in examples], add_special_tokens=False)["input_ids"]
+    return [example for example, tokens in zip(examples, ids) if len(tokens) >= min_tokens]
 
 
 # --- tokenization --------------------------------------------------------------

@@ -1,10 +1,17 @@
 """ROUGE-L evaluation as in the PromptKD / MiniLLM protocol: sample one
 response per prompt for each seed, score ROUGE-L F1 (rouge-score, stemming,
-max over references) x 100, average over examples, then over seeds."""
+max over references) x 100, average over examples, then over seeds.
+
+:func:`evaluate_sets` runs that protocol on several test sets with one loaded
+model and caches each (set, seed) cell, so a rerun computes only the missing
+cells.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +22,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from distillkit.batch import TokenizedExample
+from distillkit.cache import cache_root, files_fingerprint, fingerprint, write_json_atomic
 from distillkit.errors import DistillkitError
 from distillkit.sampling import SamplingSettings, sample, settings_from
 
@@ -105,6 +113,15 @@ def _run_settings(model_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def model_folder(model_dir: Path) -> Path:
+    """The model folder itself, or a run folder's ``best/``."""
+    if (model_dir / "best").is_dir():
+        model_dir = model_dir / "best"
+    if not (model_dir / "config.json").is_file():
+        raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
+    return model_dir
+
+
 def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """The model (on the GPU when there is one), tokenizer and recipe (from
     ``run.json``, else {}) in a model folder, or in a run folder's ``best/``;
@@ -113,14 +130,172 @@ def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any
 
     from distillkit.models import load_tokenizer
 
-    if (model_dir / "best").is_dir():
-        model_dir = model_dir / "best"
-    if not (model_dir / "config.json").is_file():
-        raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
+    model_dir = model_folder(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return model, tokenizer, _run_settings(model_dir)
+
+
+def recipe_seeds(model_dir: Path) -> list[int]:
+    """The evaluation seeds of the run that produced the model (the paper's
+    10, 20, 30, 40, 50 unless its recipe says otherwise)."""
+    from distillkit.config import EvalConfig, build
+
+    return list(build(EvalConfig, _run_settings(model_folder(model_dir)).get("eval", {}), "eval").seeds)
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """How a model is evaluated: prompt and total lengths (tokens), sampling
+    settings and prompts per generation batch."""
+
+    max_prompt_length: int
+    max_length: int
+    settings: SamplingSettings
+    batch_size: int
+
+
+def eval_setup(model: torch.nn.Module, recipe: dict[str, Any], batch_size: int,
+               notice: Callable[[str], None]) -> EvalSetup:
+    """The lengths and sampling of the run's recipe (``batch_size`` 0: the
+    recipe's), with lengths cut to the positions the model takes."""
+    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
+    from distillkit.models import max_positions
+
+    data_cfg = build(DataConfig, recipe.get("data", {}), "data")
+    generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
+    eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
+    max_prompt_length, max_length = data_cfg.max_prompt_length, data_cfg.max_length
+    positions = max_positions(model)
+    if positions is not None and positions < max_length:
+        notice(f"note: the model takes {positions} positions; max_length {max_length} -> {positions}")
+        max_prompt_length, max_length = min(max_prompt_length, positions // 2), positions
+    return EvalSetup(max_prompt_length, max_length,
+                     settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
+                     batch_size or generation.batch_size)
+
+
+# --- test sets and the result cache -----------------------------------------------
+
+
+@dataclass
+class _SetRun:
+    """One test set of an :func:`evaluate_sets` call: its tokenized examples,
+    the cache file of each seed, and the cells (per-seed records) known so far."""
+
+    name: str
+    examples: list[TokenizedExample]
+    files: dict[int, Path]
+    cells: dict[int, dict[str, Any]]
+    extra: dict[str, Any]
+
+
+def _cell(path: Path) -> dict[str, Any] | None:
+    """A cached cell, or None when absent or unreadable (then recomputed)."""
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cell if isinstance(cell, dict) and {"rougeL", "generated_tokens"} <= cell.keys() else None
+
+
+def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalSetup, *, seeds: list[int],
+                 limit: int, weights: str, notice: Callable[[str], None]) -> _SetRun:
+    """Load, filter, cut and tokenize a test set, and read its cached cells.
+
+    The cache lives under ``cache_root()/eval/<weights>/`` rather than in the
+    model folder: the key is a content hash of the model files, so a copied
+    or moved model reuses its scores, read-only model folders work, and run
+    folders stay as training wrote them.  A cell's key also covers the
+    examples (token ids and references, so data, template, filter and limit),
+    the seed, lengths, sampling settings, batch size (batches share one
+    generator) and device type."""
+    from distillkit.data import dataset_spec, keep_long_references, load_eval_set, tokenize
+
+    rows = load_eval_set(name)
+    spec = dataset_spec(name)
+    minimum = spec.min_reference_tokens if spec is not None else 0
+    examples = keep_long_references(rows, tokenizer, minimum)[: limit or None]
+    extra = {}
+    if minimum:
+        extra["reference_filter"] = {"min_tokens": minimum, "counted_with": str(tokenizer.name_or_path),
+                                     "kept": len(examples), "rows": len(rows)}
+        notice(f"{name}: {len(examples)} of {len(rows)} examples kept (reference >= {minimum} tokens of the "
+               f"model's tokenizer{', first ' + str(limit) if limit else ''})")
+    if not examples:
+        raise DistillkitError(f"test set '{name}' has no examples to evaluate")
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=setup.max_prompt_length,
+                            max_length=setup.max_length, training=False)
+    content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
+    folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
+    key = (name, content, dataclasses.asdict(setup), limit, next(model.parameters()).device.type)
+    files = {seed: folder / f"seed{seed}-{fingerprint(*key, seed)}.json" for seed in seeds}
+    cells = {seed: cell for seed, path in files.items() if (cell := _cell(path)) is not None}
+    return _SetRun(name, tokenized, files, cells, extra)
+
+
+def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:
+    result = EvalResult({seed: run.cells[seed]["rougeL"] for seed in seeds},
+                        sum(run.cells[seed]["generated_tokens"] for seed in seeds))
+    return {"model": str(model_dir), "data": run.name, "examples": len(run.examples),
+            "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
+            "generated_tokens": result.generated_tokens, **run.extra}
+
+
+def evaluate_sets(
+    model_dir: Path,
+    sets: list[str],
+    *,
+    seeds: list[int],
+    limit: int = 0,
+    batch_size: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    notice: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    """ROUGE-L of a saved model (or a run's best checkpoint) on each test set
+    (registered dataset names, whose test split is used, or data files), with
+    the lengths and sampling settings of the run that produced it.  The model
+    is loaded once; each (set, seed) cell is cached (see :func:`_prepare_set`),
+    so only missing cells are generated.  ``progress(done, total)`` counts
+    generated responses.  Returns per set a JSON-ready report (model, data,
+    examples, rougeL per seed, mean, std, generated_tokens over all seeds,
+    and ``reference_filter`` for a length-filtered set), or
+    ``{"missing": reason}`` for a dataset whose data is not available."""
+    from distillkit.data import dataset_spec
+
+    model, tokenizer, recipe = load_model_dir(model_dir)
+    folder = Path(model.name_or_path)
+    setup = eval_setup(model, recipe, batch_size, notice)
+    weights = files_fingerprint([p for p in folder.iterdir() if p.is_file()])
+    reports: dict[str, dict] = {}
+    runs = []
+    for name in dict.fromkeys(sets):
+        spec = dataset_spec(name)
+        if spec is not None and spec.missing_reason:
+            reports[name] = {"missing": spec.missing_reason}
+            continue
+        runs.append(_prepare_set(name, model, tokenizer, setup, seeds=seeds, limit=limit, weights=weights,
+                                 notice=notice))
+    todo = [(run, seed) for run in runs for seed in seeds if seed not in run.cells]
+    total, done = sum(len(run.examples) for run, _ in todo), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for run, seed in todo:
+        result = evaluate(model, tokenizer, run.examples, setup.settings, seeds=[seed], batch_size=setup.batch_size,
+                          max_length=setup.max_length, progress=advance)
+        run.cells[seed] = {"set": run.name, "seed": seed, "model": str(folder), "weights": weights, "limit": limit,
+                           "examples": len(run.examples), "rougeL": result.per_seed[seed],
+                           "generated_tokens": result.generated_tokens, "setup": dataclasses.asdict(setup),
+                           "samples": result.samples[seed]}
+        write_json_atomic(run.files[seed], run.cells[seed])
+    reports.update({run.name: _report(run, folder, seeds) for run in runs})
+    return {name: reports[name] for name in dict.fromkeys(sets)}
 
 
 def evaluate_model_dir(
@@ -133,30 +308,10 @@ def evaluate_model_dir(
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """``distillkit eval``: ROUGE-L of a saved model (or a run's best
-    checkpoint) on a registered dataset's test split or a data file, with the
-    lengths and sampling settings of the run that produced it.  Returns a
-    JSON-ready report (per-seed scores, mean, std, generated tokens)."""
-    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
-    from distillkit.data import load_eval_set, tokenize
-    from distillkit.models import max_positions
-
-    model, tokenizer, recipe = load_model_dir(model_dir)
-    data_cfg = build(DataConfig, recipe.get("data", {}), "data")
-    generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
-    eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
-    positions = max_positions(model)
-    if positions is not None and positions < data_cfg.max_length:
-        notice(f"note: the model takes {positions} positions; max_length {data_cfg.max_length} -> {positions}")
-        data_cfg.max_length = positions
-        data_cfg.max_prompt_length = min(data_cfg.max_prompt_length, positions // 2)
-    examples = load_eval_set(data)[: limit or None]
-    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=data_cfg.max_prompt_length,
-                            max_length=data_cfg.max_length, training=False)
-    total = len(tokenized) * len(seeds)
-    result = evaluate(model, tokenizer, tokenized, settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
-                      seeds=seeds, batch_size=batch_size or generation.batch_size, max_length=data_cfg.max_length,
-                      progress=None if progress is None else (lambda n: progress(n, total)))
-    return {"model": model.name_or_path, "data": data, "examples": len(tokenized),
-            "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
-            "generated_tokens": result.generated_tokens}
+    """:func:`evaluate_sets` on one test set; a set whose data is not
+    available is an error."""
+    report = evaluate_sets(model_dir, [data], seeds=seeds, limit=limit, batch_size=batch_size, progress=progress,
+                           notice=notice)[data]
+    if "missing" in report:
+        raise DistillkitError(f"dataset '{data}' is not available: {report['missing']}")
+    return report
