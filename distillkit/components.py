@@ -201,8 +201,9 @@ class DatasetSpec:
     - ``min_reference_tokens``: evaluation keeps only examples whose first
       reference has at least this many tokens (counted with the evaluated
       model's tokenizer; the paper's S-NI and UnNI filter is 11 GPT-2 tokens).
-    - ``missing_reason``: set when the data is known not to be available; the
-      dataset then loads nothing and evaluation reports it as missing.
+    - ``missing_reason``: why the files may be absent (e.g. not obtainable
+      offline); while they are not found, loading fails with this reason and
+      evaluation reports the set as missing instead of scoring it.
     """
 
     name: str

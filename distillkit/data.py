@@ -21,7 +21,7 @@ from distillkit import hookimpl
 from distillkit.batch import TokenizedExample
 from distillkit.components import DataFormat, DatasetSpec, InstructionExample
 from distillkit.config import DataConfig
-from distillkit.errors import DistillkitError
+from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.registry import registry
 
 log = logging.getLogger(__name__)
@@ -356,14 +356,19 @@ def _split_by_seed(examples: list[InstructionExample], sizes: dict[str, int], se
     return splits
 
 
+def _absent(spec: DatasetSpec | None, message: str) -> DistillkitError:
+    """The error for a dataset whose files are not found: its known reason, if any."""
+    if spec is not None and spec.missing_reason:
+        return DatasetUnavailable(spec.name, spec.missing_reason)
+    return DistillkitError(message)
+
+
 def load_split(config: DataConfig, split: str) -> list[InstructionExample]:
     """Examples of one split (``train``, ``validation`` or ``test``) of the
     configured dataset."""
     spec = dataset_spec(config.dataset)
     if spec is not None:
         location, files, fmt, sizes = spec.location, dict(spec.files), spec.format, dict(spec.split_sizes)
-        if spec.missing_reason:
-            raise DistillkitError(f"dataset '{spec.name}' is not available: {spec.missing_reason}")
     else:
         location, files, fmt, sizes = config.dataset, {}, config.format, dict(DEFAULT_SPLIT_SIZES)
     read = read_rows if spec is None or spec.read is None else spec.read
@@ -376,13 +381,11 @@ def load_split(config: DataConfig, split: str) -> list[InstructionExample]:
         if split not in files:
             raise DistillkitError(f"dataset '{config.dataset}' has no '{split}' split; it has {', '.join(files)}")
         if folder is None or not folder.is_dir():
-            raise DistillkitError(
-                f"dataset '{config.dataset}' not found: looked for folder '{location}' in "
-                f"{', '.join(looked)}; set {DATA_DIR_ENV} (e.g. ../shared/data) or pass a local path"
-            )
+            raise _absent(spec, f"dataset '{config.dataset}' not found: looked for folder '{location}' in "
+                                f"{', '.join(looked)}; set {DATA_DIR_ENV} (e.g. ../shared/data) or pass a local path")
         path = folder / files[split]
         if not path.is_file():
-            raise DistillkitError(f"dataset '{config.dataset}': split file {path} does not exist")
+            raise _absent(spec, f"dataset '{config.dataset}': split file {path} does not exist")
         return parse_rows(read(path), fmt)
     rows = read_rows(folder) if folder is not None and folder.is_file() else _hub_rows(location, looked)
     return _split_by_seed(parse_rows(rows, fmt), sizes, config.split_seed)[split]

@@ -6,3 +6,12 @@ class DistillkitError(Exception):
 
     The CLI prints its message on one line without a traceback.
     """
+
+
+class DatasetUnavailable(DistillkitError):
+    """A registered dataset whose files are absent for a known ``reason``
+    (its ``missing_reason``): evaluation reports it as missing."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"dataset '{name}' is not available: {reason}")
+        self.reason = reason

@@ -23,7 +23,7 @@ from rouge_score import rouge_scorer
 
 from distillkit.batch import TokenizedExample
 from distillkit.cache import cache_root, files_fingerprint, fingerprint, write_json_atomic
-from distillkit.errors import DistillkitError
+from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.sampling import SamplingSettings, sample, settings_from
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -216,13 +216,14 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     rows = load_eval_set(name)
     spec = dataset_spec(name)
     minimum = spec.min_reference_tokens if spec is not None else 0
-    examples = keep_long_references(rows, tokenizer, minimum)[: limit or None]
+    kept = keep_long_references(rows, tokenizer, minimum)
+    examples = kept[: limit or None]
     extra = {}
     if minimum:
         extra["reference_filter"] = {"min_tokens": minimum, "counted_with": str(tokenizer.name_or_path),
-                                     "kept": len(examples), "rows": len(rows)}
-        notice(f"{name}: {len(examples)} of {len(rows)} examples kept (reference >= {minimum} tokens of the "
-               f"model's tokenizer{', first ' + str(limit) if limit else ''})")
+                                     "kept": len(kept), "rows": len(rows)}
+        notice(f"{name}: {len(kept)} of {len(rows)} examples have a reference of >= {minimum} tokens "
+               "(counted with the model's tokenizer)")
     if not examples:
         raise DistillkitError(f"test set '{name}' has no examples to evaluate")
     tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=setup.max_prompt_length,
@@ -261,9 +262,8 @@ def evaluate_sets(
     generated responses.  Returns per set a JSON-ready report (model, data,
     examples, rougeL per seed, mean, std, generated_tokens over all seeds,
     and ``reference_filter`` for a length-filtered set), or
-    ``{"missing": reason}`` for a dataset whose data is not available."""
-    from distillkit.data import dataset_spec
-
+    ``{"missing": reason}`` for a dataset whose files are absent for a known
+    reason (``missing_reason``, e.g. UnNI)."""
     model, tokenizer, recipe = load_model_dir(model_dir)
     folder = Path(model.name_or_path)
     setup = eval_setup(model, recipe, batch_size, notice)
@@ -271,12 +271,11 @@ def evaluate_sets(
     reports: dict[str, dict] = {}
     runs = []
     for name in dict.fromkeys(sets):
-        spec = dataset_spec(name)
-        if spec is not None and spec.missing_reason:
-            reports[name] = {"missing": spec.missing_reason}
-            continue
-        runs.append(_prepare_set(name, model, tokenizer, setup, seeds=seeds, limit=limit, weights=weights,
-                                 notice=notice))
+        try:
+            runs.append(_prepare_set(name, model, tokenizer, setup, seeds=seeds, limit=limit, weights=weights,
+                                     notice=notice))
+        except DatasetUnavailable as missing:
+            reports[name] = {"missing": missing.reason}
     todo = [(run, seed) for run in runs for seed in seeds if seed not in run.cells]
     total, done = sum(len(run.examples) for run, _ in todo), 0
 

@@ -3,6 +3,7 @@ tokenizer, tiny models built from config, and a tiny recipe file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def tokenizer():
 
     examples = load_split(DataConfig(dataset="dolly"), "validation")[:300]
     return train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples), 300)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings for malformed lines) as a JSONL file."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
 
 
 def tiny_model(tokenizer, *, n_layer: int = 1, n_embd: int = 32, seed: int = 0, vocab_size: int | None = None):

@@ -21,7 +21,7 @@ from distillkit.data import (
 )
 from distillkit.errors import DistillkitError
 
-from .conftest import DOLLY
+from .conftest import DOLLY, write_jsonl
 
 
 def test_real_dolly_splits_and_template():
@@ -68,11 +68,6 @@ def test_left_pad_for_generation():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 RAW_DOLLY_ROWS = [
     {"instruction": "Name a primary colour.", "context": "", "response": "Red.", "category": "open_qa"},
     {"instruction": "Summarise the text.", "context": "Cats sleep a lot.", "response": "Cats sleep.",
@@ -81,7 +76,7 @@ RAW_DOLLY_ROWS = [
 
 
 def test_raw_dolly_format_is_detected_and_mapped(tmp_path: Path):
-    path = _write_jsonl(tmp_path / "raw.jsonl", RAW_DOLLY_ROWS * 15)
+    path = write_jsonl(tmp_path / "raw.jsonl", RAW_DOLLY_ROWS * 15)
     examples = load_eval_set(str(path))
     assert len(examples) == 30
     assert examples[1].input == "Cats sleep a lot." and examples[1].references == ("Cats sleep.",)
@@ -95,7 +90,7 @@ def test_raw_dolly_format_is_detected_and_mapped(tmp_path: Path):
 
 
 def test_list_references_are_kept(tmp_path: Path):
-    path = _write_jsonl(tmp_path / "sni.jsonl", [{"instruction": "Say hi", "input": "", "output": ["hi", "hello"]}])
+    path = write_jsonl(tmp_path / "sni.jsonl", [{"instruction": "Say hi", "input": "", "output": ["hi", "hello"]}])
     assert load_eval_set(str(path))[0].references == ("hi", "hello")
 
 
@@ -111,7 +106,7 @@ def test_list_references_are_kept(tmp_path: Path):
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path: Path, rows, message):
-    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DistillkitError, match=message):
         load_eval_set(str(path))
 
@@ -127,7 +122,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path: Path, monkeypatch: pytes
 
 def test_hub_id_resolves_through_local_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "my-instructions").mkdir()
-    _write_jsonl(tmp_path / "my-instructions" / "data.jsonl", RAW_DOLLY_ROWS)
+    write_jsonl(tmp_path / "my-instructions" / "data.jsonl", RAW_DOLLY_ROWS)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     config = DataConfig(dataset="acme/my-instructions", files={"test": "data.jsonl"})
     assert [e.instruction for e in load_split(config, "test")] == ["Name a primary colour.", "Summarise the text."]

@@ -17,6 +17,7 @@ from distillkit.cli import app
 from distillkit.components import InstructionExample
 from distillkit.config import EvalConfig, load_recipe
 from distillkit.data import (
+    DATA_DIR_ENV,
     dataset_spec,
     keep_long_references,
     load_eval_set,
@@ -25,10 +26,10 @@ from distillkit.data import (
     sni_task_rows,
     vicuna_rows,
 )
-from distillkit.errors import DistillkitError
+from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.models import save_model
 
-from .conftest import tiny_model
+from .conftest import tiny_model, write_jsonl
 
 
 def _key(example: InstructionExample) -> tuple:
@@ -89,13 +90,8 @@ UNNI_ROWS = [
 ]
 
 
-def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 def test_unni_core_rows_give_one_example_per_instance(tmp_path: Path):
-    examples = load_eval_set(str(_write_jsonl(tmp_path / "core_data.jsonl", UNNI_ROWS)))
+    examples = load_eval_set(str(write_jsonl(tmp_path / "core_data.jsonl", UNNI_ROWS)))
     assert [_key(e) for e in examples] == [
         ("You are given a word. Reverse it.", "Word: cat", ("tac",)),
         ("You are given a word. Reverse it.", "Word: dog", ("god",)),
@@ -103,6 +99,16 @@ def test_unni_core_rows_give_one_example_per_instance(tmp_path: Path):
     ]
     assert examples[1].origin.endswith("core_data.jsonl:1 instances[1]")
     assert parse_rows(read_rows(tmp_path / "core_data.jsonl"), "unni-core") == examples
+
+
+def test_unni_reads_the_core_file_once_it_is_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(DatasetUnavailable, match="not available: the UnNI eval data"):
+        load_eval_set("unni")
+    (tmp_path / "unnatural-instructions").mkdir()
+    write_jsonl(tmp_path / "unnatural-instructions" / "core_data.jsonl", UNNI_ROWS)
+    examples = load_eval_set("unni")
+    assert len(examples) == 3 and dataset_spec("unni").min_reference_tokens == 11
 
 
 @pytest.mark.parametrize(
@@ -117,18 +123,18 @@ def test_unni_core_rows_give_one_example_per_instance(tmp_path: Path):
 )
 def test_bad_multi_instance_rows_name_file_line_and_instance(tmp_path: Path, rows, message):
     with pytest.raises(DistillkitError, match=message):
-        load_eval_set(str(_write_jsonl(tmp_path / "bad.jsonl", rows)))
+        load_eval_set(str(write_jsonl(tmp_path / "bad.jsonl", rows)))
 
 
 def test_bad_vicuna_and_sni_files_name_file_and_line(tmp_path: Path):
-    _write_jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "text": "Hi?"}, {"question_id": 2, "text": "Why?"}])
-    _write_jsonl(tmp_path / "answer_gpt35.jsonl", [{"question_id": 1, "text": "Hello."}])
+    write_jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "text": "Hi?"}, {"question_id": 2, "text": "Why?"}])
+    write_jsonl(tmp_path / "answer_gpt35.jsonl", [{"question_id": 1, "text": "Hello."}])
     with pytest.raises(DistillkitError, match=r"question\.jsonl:2: no answer with question_id 2 in answer_gpt35"):
         parse_rows(vicuna_rows(tmp_path / "question.jsonl"), "vicuna")
-    _write_jsonl(tmp_path / "test_references.jsonl", [{"id": "t1-a", "task_id": "t1", "references": ["x"]}, "{"])
+    write_jsonl(tmp_path / "test_references.jsonl", [{"id": "t1-a", "task_id": "t1", "references": ["x"]}, "{"])
     with pytest.raises(DistillkitError, match=r"test_references\.jsonl:2: malformed JSON"):
         list(sni_task_rows(tmp_path / "test_references.jsonl"))
-    _write_jsonl(tmp_path / "test_references.jsonl", [{"id": "t1-a", "task_id": "t1", "references": ["x"]}])
+    write_jsonl(tmp_path / "test_references.jsonl", [{"id": "t1-a", "task_id": "t1", "references": ["x"]}])
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "t1.json").write_text('{\n  "Definition": ["Do it."],\n  "Instances": [\n}\n')
     with pytest.raises(DistillkitError, match=r"tasks/t1\.json:4: malformed JSON"):
@@ -265,9 +271,11 @@ def test_length_filtered_set_records_the_counting_tokenizer(model_dir: Path):
     notes: list[str] = []
     report = evaluation.evaluate_sets(model_dir, ["sni-raw"], seeds=[10], limit=2, notice=notes.append)["sni-raw"]
     assert report["examples"] == 2
-    assert report["reference_filter"]["min_tokens"] == 11 and report["reference_filter"]["rows"] == 300
-    assert report["reference_filter"]["counted_with"] == str(model_dir)
-    assert any("reference >= 11 tokens of the model's tokenizer" in note for note in notes)
+    kept = report["reference_filter"]["kept"]
+    assert report["reference_filter"] == {"min_tokens": 11, "counted_with": str(model_dir), "kept": kept, "rows": 300}
+    assert 2 < kept < 300
+    assert f"sni-raw: {kept} of 300 examples have a reference of >= 11 tokens (counted with the model's tokenizer)" \
+        in notes
 
 
 def test_cli_eval_on_several_sets(model_dir: Path):
