@@ -156,6 +156,38 @@ def _seed_list(text: str) -> list[int]:
         raise DistillkitError(f"--seeds expects comma-separated integers, got '{text}'") from None
 
 
+@app.command()
+def bench(
+    recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
+    methods: Annotated[str, typer.Option(help="comma-separated method names")] = "sft,kd,seqkd,gkd,minillm,promptkd",
+    data: Annotated[str, typer.Option(help="comma-separated test sets")] = "dolly,selfinst,vicuna,sni,unni",
+    seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the recipe's]")] = None,
+    output: Annotated[Path | None, typer.Option(help="bench folder [default: runs/bench/RECIPE]")] = None,
+    limit: Annotated[int, typer.Option(help="evaluate on the first N examples of each set (0: all)")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key=value")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and memory estimate; train nothing")] = False,
+) -> None:
+    """Train METHODS on RECIPE side by side, evaluate them on the test sets,
+    and write the quality and cost tables and plots (resumable)."""
+    _setup_logging()
+    from distillkit.bench import BenchConfig, run_bench
+    from distillkit.bench import dry_run as print_plan
+    from distillkit.config import load_recipe
+
+    try:
+        loaded = load_recipe(recipe, set_ or [])
+        config = BenchConfig(recipe, _names(methods), _names(data),
+                             _seed_list(seeds) if seeds else list(loaded.eval.seeds),
+                             output or Path("runs") / "bench" / loaded.name, limit, set_ or [])
+        if dry_run:
+            print_plan(config, out)
+            return
+        tables = run_bench(config, err)
+    except DistillkitError as error:
+        _fail(error)
+    out.print(tables["quality"], "", tables["cost"], f"\ntables and plots in {config.output}", sep="\n")
+
+
 analyze = typer.Typer(no_args_is_help=True, help="Analyses of distilled students.")
 app.add_typer(analyze, name="analyze")
 

@@ -1,0 +1,113 @@
+"""`distillkit bench`: memory planning, tables, and an end-to-end resumable
+bench of two methods on the tiny test recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from distillkit import bench
+from distillkit.bench import BenchConfig, Results, quality_markdown, quality_rows, run_bench
+from distillkit.cli import app
+from distillkit.config import ModelConfig, load_recipe
+from distillkit.errors import DistillkitError
+from distillkit.models import load_model
+from distillkit.planning import estimate, parameter_count
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_matches_the_built_models(recipe_file, tokenizer):
+    recipe = load_recipe(str(recipe_file()))
+    for role in ("teacher", "student"):
+        spec = getattr(recipe, role)
+        assert parameter_count(spec, tokenizer) == _count(load_model(spec, tokenizer, role))
+    teacher = ModelConfig(config={"model_type": "gpt2", "n_layer": 3, "n_embd": 32, "n_head": 2, "n_positions": 64})
+    cut = ModelConfig(init_from="teacher", num_layers=1)
+    assert parameter_count(cut, tokenizer, teacher) == _count(load_model(cut, tokenizer, "student", teacher=teacher))
+
+
+def test_estimate_counts_adam_state_for_the_student_and_weights_for_the_teacher(recipe_file, tokenizer):
+    recipe = load_recipe(str(recipe_file()))
+    rows = {row.role: row for row in estimate(recipe, tokenizer)}
+    assert rows["teacher"].megabytes == pytest.approx(rows["teacher"].parameters * 4 / 2**20)
+    assert rows["student"].megabytes == pytest.approx(rows["student"].parameters * 16 / 2**20)
+    micro, length = recipe.training.micro_batch_size, recipe.data.max_length
+    assert rows["logits"].megabytes == pytest.approx(3 * micro * length * len(tokenizer) * 4 / 2**20)
+
+
+def _results(tmp_path) -> Results:
+    results = Results(tmp_path / "results.json")
+    results.data["eval"] = {
+        "teacher": {"dolly": {"mean": 9.0, "std": 0.1}, "unni": {"missing": "not available"}},
+        "sft": {"dolly": {"mean": 5.0, "std": 0.2}, "unni": {"missing": "not available"}},
+        "kd": {"dolly": {"mean": 6.0, "std": 0.3}, "unni": {"missing": "not available"}},
+    }
+    return results
+
+
+def test_quality_table_marks_the_best_student_and_missing_sets(tmp_path):
+    rows = quality_rows(_results(tmp_path), ["teacher", "sft", "kd"], ["dolly", "unni"])
+    text = quality_markdown(rows, ["dolly", "unni"], {"unni": "not available"})
+    lines = text.splitlines()
+    assert lines[0] == "| model | dolly | unni | average |"
+    assert lines[2] == "| teacher | 9.00 ± 0.10 | missing | — |"  # the teacher is not a candidate for best
+    assert lines[4] == "| kd | **6.00 ± 0.30** | missing | — |"
+    assert "- unni: missing (not available)" in text
+
+
+def test_unknown_names_fail_before_any_work(tmp_path, recipe_file):
+    config = BenchConfig(str(recipe_file()), ["sft", "kdd"], ["dolly"], [10], tmp_path / "b")
+    with pytest.raises(DistillkitError, match="kdd.*did you mean 'kd'"):
+        run_bench(config, Console(quiet=True))
+    config = BenchConfig(str(recipe_file()), ["sft"], ["dolyl"], [10], tmp_path / "b")
+    with pytest.raises(DistillkitError, match="unknown test set 'dolyl'.*did you mean 'dolly'"):
+        run_bench(config, Console(quiet=True))
+    assert not (tmp_path / "b").exists()
+
+
+def test_dry_run_prints_the_plan_and_whether_it_fits(recipe_file):
+    result = CliRunner().invoke(app, ["bench", "--recipe", str(recipe_file()), "--methods", "sft,kd",
+                                      "--data", "dolly", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for text in ("train sft", "train kd", "eval teacher", "memory estimate", "fits"):
+        assert text in result.output
+
+
+def test_bench_trains_evaluates_writes_tables_and_resumes(recipe_file, tmp_path, monkeypatch):
+    config = BenchConfig(str(recipe_file(steps=3, eval_every=3)), ["sft", "kd"], ["dolly", "unni"], [10],
+                         tmp_path / "bench", limit=4)
+    tables = run_bench(config, Console(quiet=True))
+    for name in ("quality.md", "quality.csv", "cost.md", "cost.csv", "tables.json", "quality.png",
+                 "quality_vs_cost.png", "sft/train.log", "kd/best/model.safetensors"):
+        assert (config.output / name).is_file(), name
+    assert [line.split(" |")[0] for line in tables["quality"].splitlines()[2:5]] == ["| teacher", "| sft", "| kd"]
+    cost = {row["method"]: row for row in json.loads((config.output / "tables.json").read_text())["cost"]}
+    assert cost["sft"]["steps"] == cost["kd"]["steps"] == 3
+    assert cost["kd"]["peak_memory_mb"] > 0 and cost["kd"]["train_s"] > 0
+    assert cost["sft"]["trainable_parameters"] == cost["kd"]["trainable_parameters"] > 0
+    results = json.loads((config.output / "results.json").read_text())
+    assert "missing" in results["eval"]["kd"]["unni"] and results["eval"]["kd"]["dolly"]["examples"] == 4
+
+    calls = []
+    monkeypatch.setattr(bench, "train_method", lambda *a: calls.append("train"))
+    import distillkit.evaluation as evaluation
+
+    original = evaluation.evaluate_sets
+
+    def counting(folder, sets, **kwargs):
+        calls.append((folder.name, tuple(sets)))
+        return original(folder, sets, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_sets", counting)
+    assert run_bench(config, Console(quiet=True)) == tables  # everything done before: nothing runs
+    assert calls == []
+    del results["eval"]["kd"]["dolly"]  # as if killed while evaluating kd on dolly
+    (config.output / "results.json").write_text(json.dumps(results))
+    run_bench(config, Console(quiet=True))
+    assert calls == [("kd", ("dolly",))]
