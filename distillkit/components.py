@@ -126,9 +126,13 @@ class TeacherAdapter(Protocol):
     ``trainable_parameters()`` lists what the adapter trains (empty for a
     frozen teacher); the base teacher never trains.  ``sampling_inputs()``
     gives the model to sample from and embeddings to prepend (or None).
+    ``extra_positions`` is how many positions it prepends to every sequence
+    (a soft prompt's length; samples are capped to leave room for them).
     Optional: ``checkpoint_modules()`` (objects with ``state_dict``) and
     ``save(folder)`` for adapters with trainable state.
     """
+
+    extra_positions: int
 
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor: ...
 

@@ -78,8 +78,10 @@ class Run:
     ) -> list[list[int]]:
         """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
         see :func:`distillkit.sampling.sample`) with the recipe's
-        ``[generation]`` settings, capped to ``data.max_length`` in total."""
-        settings = settings_from(self.config.recipe.generation).within(prompts, self.config.recipe.data.max_length)
+        ``[generation]`` settings, capped so that prompt + response fits in
+        ``data.max_length`` minus the positions the teacher adapter prepends."""
+        room = self.config.recipe.data.max_length - (self.teacher.extra_positions if self.teacher else 0)
+        settings = settings_from(self.config.recipe.generation).within(prompts, room)
         tokenizer = self.tokenizer
         responses = sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,

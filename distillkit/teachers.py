@@ -17,6 +17,7 @@ from distillkit import hookimpl
 from distillkit.batch import TrainBatch
 from distillkit.components import TeacherAdapterFactory
 from distillkit.errors import DistillkitError
+from distillkit.models import max_positions
 from distillkit.run import Run
 
 PROMPT_INIT_TEXT = "Suppose you are a student."
@@ -24,6 +25,8 @@ PROMPT_INIT_TEXT = "Suppose you are a student."
 
 class FrozenTeacher:
     """The teacher as loaded: eval mode, no gradients, weights never change."""
+
+    extra_positions = 0  # positions the adapter adds in front of every sequence
 
     def __init__(self, model: torch.nn.Module, run: Run) -> None:
         self.model = model.eval().requires_grad_(False)
@@ -87,12 +90,18 @@ class SoftPromptTeacher(FrozenTeacher):
             raise DistillkitError(f"the soft prompt needs at least one token, got length {length}")
         self.prompt = SoftPrompt(initial_prompt(model, run.tokenizer, length, init, init_text))
         self.train_mode_for_grad = train_mode_for_grad
+        self.extra_positions = length
+        self.max_positions = max_positions(model)
 
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         if not adapted:
             return super().logits(batch)
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
         batch_size, length = batch.input_ids.shape[0], self.prompt.weight.shape[0]
+        if self.max_positions is not None and batch.input_ids.shape[1] + length > self.max_positions:
+            raise DistillkitError(
+                f"a {batch.input_ids.shape[1]}-token sequence plus the {length}-token soft prompt exceeds the "
+                f"teacher's {self.max_positions} positions; lower data.max_length to {self.max_positions - length}")
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
         prefix = self.prompt.weight.to(embeds.dtype).expand(batch_size, -1, -1)
         mask = torch.cat([batch.attention_mask.new_ones((batch_size, length)), batch.attention_mask], dim=1)
         self.model.train(grad and self.train_mode_for_grad)

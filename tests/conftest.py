@@ -85,11 +85,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def tiny_model(tokenizer, *, n_layer: int = 1, n_embd: int = 32, seed: int = 0, vocab_size: int | None = None):
+def tiny_model(tokenizer, *, n_layer: int = 1, n_embd: int = 32, seed: int = 0, vocab_size: int | None = None,
+               n_positions: int = 256):
     from distillkit.config import ModelConfig
     from distillkit.models import load_model
 
-    config = {"model_type": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": 2, "n_positions": 256}
+    config = {"model_type": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": 2, "n_positions": n_positions}
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
     return load_model(ModelConfig(config=config, init_seed=seed), tokenizer, "student")

@@ -56,6 +56,21 @@ def test_soft_prompt_gradients_reach_only_the_prompt(recipe_file, tokenizer):
     assert not torch.allclose(adapter.logits(batch), plain)  # the prompt changes the distribution
 
 
+def test_samples_leave_room_for_the_soft_prompt_in_the_teacher_positions(recipe_file, tokenizer):
+    """A 128-position teacher, data.max_length 128, a 7-token prompt: samples stop at 121 tokens in all, and a
+    longer sequence is refused with a clear error instead of an index error in the position embeddings."""
+    run = make_run(recipe_file, tokenizer, overrides=["generation.max_new_tokens=0"])  # 0: fill max_length
+    run.teacher = SoftPromptTeacher(tiny_model(tokenizer, seed=3, n_positions=128), run, length=7)
+    prompt = instruction_examples(tokenizer)[0].prompt_ids
+    prompts = [(prompt * 20)[:110]] * 3
+    responses = run.sample(run.student, prompts)
+    assert max(len(r) for r in responses) <= 128 - 7 - 110
+    assert run.teacher.logits(collate(prompts, responses, tokenizer.pad_token_id)).shape[1] > 0
+    too_long = collate([(prompt * 20)[:125]], [[5]], tokenizer.pad_token_id)
+    with pytest.raises(DistillkitError, match="exceeds the teacher's 128 positions; lower data.max_length to 121"):
+        run.teacher.logits(too_long)
+
+
 def test_sampler_prefix_matches_a_manual_prompted_forward(tokenizer):
     model = tiny_model(tokenizer, n_layer=2, seed=3).eval()
     prefix = torch.randn(4, model.config.n_embd)
