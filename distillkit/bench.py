@@ -109,8 +109,16 @@ def teacher_dir(config: BenchConfig) -> Path | None:
 # --- tables ------------------------------------------------------------------
 
 
+def missing_sets(results: Results) -> dict[str, str]:
+    """Test sets whose data is not available, with the reason."""
+    return {name: report["missing"] for reports in results.data["eval"].values()
+            for name, report in reports.items() if "missing" in report}
+
+
 def quality_rows(results: Results, models: list[str], sets: list[str]) -> list[dict[str, Any]]:
-    """One row per model: mean and std of ROUGE-L per set, and the average of the means."""
+    """One row per model: mean and std of ROUGE-L per set, and the average of
+    the means over the available sets (None until all of them are evaluated)."""
+    available = [s for s in sets if s not in missing_sets(results)]
     rows = []
     for model in models:
         reports = results.data["eval"].get(model, {})
@@ -118,8 +126,8 @@ def quality_rows(results: Results, models: list[str], sets: list[str]) -> list[d
         for name in sets:
             report = reports.get(name, {})
             row[name] = None if "mean" not in report else {"mean": report["mean"], "std": report["std"]}
-        means = [row[s]["mean"] for s in sets if row[s] is not None]
-        row["average"] = statistics.fmean(means) if len(means) == len(sets) else None
+        means = [row[s]["mean"] for s in available if row[s] is not None]
+        row["average"] = statistics.fmean(means) if means and len(means) == len(available) else None
         rows.append(row)
     return rows
 
@@ -128,7 +136,8 @@ def cost_rows(results: Results, methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
         train = results.data["train"].get(method, {})
-        generated = sum(r.get("generated_tokens", 0) for r in results.data["eval"].get(method, {}).values())
+        reports = results.data["eval"].get(method)
+        generated = sum(r.get("generated_tokens", 0) for r in reports.values()) if reports else None
         rows.append({"method": method, **train, "eval_generated_tokens": generated})
     return rows
 
@@ -157,8 +166,9 @@ def quality_markdown(rows: list[dict[str, Any]], sets: list[str], missing: dict[
             text = f"{value['mean']:.2f} ± {value['std']:.2f}" if isinstance(value, dict) else f"{value:.2f}"
             cells.append(f"**{text}**" if best.get(column) == row["model"] else text)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
-    notes = [f"- {name}: missing ({reason})" for name, reason in missing.items()]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    notes = [f"- average: over {', '.join(s for s in sets if s not in missing)}"]
+    notes += [f"- {name}: missing ({reason})" for name, reason in missing.items()]
+    return "\n".join([*lines, "", *notes])
 
 
 COST_COLUMNS = [("train_s", "train time (s, steps only)", "{:.0f}"), ("seconds_per_step", "s/step", "{:.2f}"),
@@ -220,8 +230,7 @@ def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str
 def write_tables(config: BenchConfig, results: Results) -> dict[str, str]:
     models = (["teacher"] if "teacher" in results.data["eval"] else []) + config.methods
     quality = quality_rows(results, models, config.sets)
-    missing = {name: report["missing"] for reports in results.data["eval"].values()
-               for name, report in reports.items() if "missing" in report}
+    missing = missing_sets(results)
     cost = cost_rows(results, config.methods)
     tables = {"quality": quality_markdown(quality, config.sets, missing), "cost": cost_markdown(cost)}
     for name, text in tables.items():

@@ -56,9 +56,12 @@ def test_quality_table_marks_the_best_student_and_missing_sets(tmp_path):
     text = quality_markdown(rows, ["dolly", "unni"], {"unni": "not available"})
     lines = text.splitlines()
     assert lines[0] == "| model | dolly | unni | average |"
-    assert lines[2] == "| teacher | 9.00 ± 0.10 | missing | — |"  # the teacher is not a candidate for best
-    assert lines[4] == "| kd | **6.00 ± 0.30** | missing | — |"
-    assert "- unni: missing (not available)" in text
+    assert lines[2] == "| teacher | 9.00 ± 0.10 | missing | 9.00 |"  # the teacher is not a candidate for best
+    assert lines[3] == "| sft | 5.00 ± 0.20 | missing | 5.00 |"
+    assert lines[4] == "| kd | **6.00 ± 0.30** | missing | **6.00** |"
+    assert "- average: over dolly" in text and "- unni: missing (not available)" in text
+    rows = quality_rows(_results(tmp_path), ["teacher", "sft", "kd", "gkd"], ["dolly", "unni"])
+    assert rows[3]["average"] is None  # gkd not evaluated yet
 
 
 def test_unknown_names_fail_before_any_work(tmp_path, recipe_file):
