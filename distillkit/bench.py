@@ -211,7 +211,7 @@ def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str
         axes.bar([i + index * width for i in range(len(present))], values, width, yerr=errors, label=row["model"])
     axes.set_xticks([i + 0.4 - width / 2 for i in range(len(present))], present)
     axes.set_ylabel("ROUGE-L")
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(output / "quality.png", dpi=120)
     figure, axes = plt.subplots(figsize=(6, 4))

@@ -185,7 +185,7 @@ def bench(
         tables = run_bench(config, err)
     except DistillkitError as error:
         _fail(error)
-    out.print(tables["quality"], "", tables["cost"], f"\ntables and plots in {config.output}", sep="\n")
+    typer.echo(f"{tables['quality']}\n\n{tables['cost']}\n\ntables and plots in {config.output}")  # unwrapped
 
 
 analyze = typer.Typer(no_args_is_help=True, help="Analyses of distilled students.")
