@@ -56,3 +56,34 @@ def test_saved_model_reloads_identically(tmp_path, tokenizer):
     again = load_model(ModelConfig(path=str(tmp_path / "m")), tokenizer, "student")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_padded_output_matrices_of_different_sizes_work_for_every_divergence(recipe_file, tokenizer):
+    """Teacher and student share the tokenizer but pad their output matrices differently (like OPT 50272 vs
+    GPT-2 50257): every registered divergence compares the real vocabulary only, whatever the padded rows say."""
+    from distillkit.batch import collate
+    from distillkit.divergences import masked_divergence
+    from distillkit.registry import registry
+    from distillkit.teachers import FrozenTeacher
+
+    from .conftest import instruction_examples, make_run
+
+    run = make_run(recipe_file, tokenizer, method="kd")
+    run.student = tiny_model(tokenizer, vocab_size=len(tokenizer) + 5, seed=1).eval()
+    teacher = tiny_model(tokenizer, vocab_size=len(tokenizer) + 13, seed=2)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight[len(tokenizer):] = 50.0  # padded rows that would dominate a softmax
+    run.teacher = FrozenTeacher(teacher, run)
+    examples = instruction_examples(tokenizer)
+    batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], tokenizer.pad_token_id)
+    student, target = run.student_logits(batch), run.teacher_logits(batch)
+    assert student.shape == target.shape and student.shape[-1] == len(tokenizer)
+    with torch.no_grad():
+        real = len(tokenizer)
+        plain_student = run.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :real]
+        plain_teacher = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :real]
+    for name in registry().divergences.names():
+        value = run.divergence(name, student, target, batch)
+        assert torch.isfinite(value), name
+        expected = masked_divergence(registry().divergences[name], plain_student, plain_teacher, batch.label_mask)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7), name

@@ -112,3 +112,11 @@ def test_killed_run_resumes_to_identical_parameters(recipe_file, tmp_path, monke
 def test_batch_size_must_divide(recipe_file, tmp_path):
     with pytest.raises(DistillkitError, match="batch_size .* must be a multiple of .*micro_batch_size"):
         train("sft", str(recipe_file()), output=tmp_path / "x", overrides=["training.micro_batch_size=3"])
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd"])
+def test_teacher_and_student_with_differently_padded_output_matrices_train(method, recipe_file, tmp_path):
+    overrides = ["teacher.config.vocab_size=413", "student.config.vocab_size=405"]  # tokenizer: at most 400
+    train(method, str(recipe_file(steps=3, eval_every=3)), output=tmp_path / method, overrides=overrides)
+    losses = _losses(tmp_path / method)
+    assert len(losses) == 3 and all(loss == loss and abs(loss) < 1e3 for loss in losses)  # finite
