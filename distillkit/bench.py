@@ -31,6 +31,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from distillkit.cache import write_json_atomic
 from distillkit.config import load_recipe
 from distillkit.errors import DistillkitError
 from distillkit.registry import did_you_mean, registry
@@ -69,9 +70,7 @@ class Results:
             self.data.update(json.loads(path.read_text()))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.data, indent=2)
 
 
 def cost_record(run_dir: Path) -> dict[str, Any]:
@@ -136,9 +135,10 @@ def cost_rows(results: Results, methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
         train = results.data["train"].get(method, {})
+        per_step = train["train_s"] / train["steps"] if train.get("steps") else None
         reports = results.data["eval"].get(method)
         generated = sum(r.get("generated_tokens", 0) for r in reports.values()) if reports else None
-        rows.append({"method": method, **train, "eval_generated_tokens": generated})
+        rows.append({"method": method, **train, "seconds_per_step": per_step, "eval_generated_tokens": generated})
     return rows
 
 
@@ -180,7 +180,6 @@ COST_COLUMNS = [("train_s", "train time (s, steps only)", "{:.0f}"), ("seconds_p
 def cost_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | " + " | ".join(h for _, h, _ in COST_COLUMNS) + " |", "|---|" + "---|" * len(COST_COLUMNS)]
     for row in rows:
-        row["seconds_per_step"] = row["train_s"] / row["steps"] if row.get("steps") else None
         cells = ["—" if row.get(k) is None else f.format(row[k]) for k, _, f in COST_COLUMNS]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -256,9 +255,9 @@ class LiveView:
 
     def __rich__(self) -> Group:
         table = Table("cell", "status", title="distillkit bench")
-        styles = {"running": "bold yellow", "done": "green", "failed": "red", "skipped (done before)": "dim"}
+        styles = {"running": "bold yellow", "done": "green", "failed": "red", "skipped": "dim"}
         for cell, status in self.status.items():
-            table.add_row(cell, f"[{styles.get(status, '')}]{status}[/]" if status in styles else status)
+            table.add_row(cell, status, style=styles.get(status.split(" ")[0]))
         return Group(table, self.detail)
 
 
@@ -297,7 +296,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
             todo = [s for s in config.sets if s not in results.data["eval"].get(model, {})]
 
             def evaluate(model: str = model, folder: Path | None = folder, todo: list[str] = todo) -> None:
-                if folder is None or not (folder / "best").is_dir() and not (folder / "config.json").is_file():
+                if folder is None:  # evaluate_sets reports a folder without a model itself
                     raise DistillkitError(f"no trained {model} to evaluate")
 
                 def progress(n: int, total: int) -> None:

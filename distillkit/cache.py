@@ -35,10 +35,10 @@ def files_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
     """Write ``data`` as JSON to a temporary file beside ``path``, then rename
     it into place, so a killed writer never leaves a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)

@@ -15,7 +15,7 @@ import torch
 
 from distillkit import hookimpl
 from distillkit.batch import ExampleBatch, RolloutBatch, TrainBatch, collate
-from distillkit.cache import cache_root, fingerprint
+from distillkit.cache import cache_root, fingerprint, write_json_atomic
 from distillkit.components import PseudoTargetSource, SourceFactory
 from distillkit.divergences import masked_token_logprobs
 from distillkit.errors import DistillkitError
@@ -81,10 +81,7 @@ def cached_teacher_samples(run: Run, *, seed: int = 10) -> PseudoTargetSource:
             outputs = run.sample(model, [prompts[i] for i in chunk], prefix_embeds=prefix, generator=generator)
             for index, output in zip(chunk, outputs):
                 responses[index] = output
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(responses))
-        tmp.rename(path)
+        write_json_atomic(path, responses)
     by_prompt = {tuple(p): r for p, r in zip(prompts, responses)}
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
