@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,9 @@ err = Console(stderr=True)
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err, show_path=False)])
-    logging.getLogger("distillkit").setLevel(logging.INFO)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, only rank 0 reports
+    logging.getLogger("distillkit").setLevel(logging.INFO if main_process else logging.WARNING)
+    err.quiet = not main_process
     # Tied input/output embeddings are saved once; accelerate warns about it on every checkpoint.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging

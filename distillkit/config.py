@@ -33,7 +33,13 @@ class ModelConfig:
     folder of the installed Python package ``NAME`` (found without importing
     it).  A GGUF model is de-quantised once and cached as safetensors.  With
     ``sft`` set, the model is first fine-tuned on the dataset responses with
-    those training overrides (cached, reused by every method)."""
+    those training overrides (cached, reused by every method).
+
+    ``placement`` (the teacher's; independent of the student's layout):
+    ``replicate`` keeps a whole copy on every device, ``shard`` splits it
+    across the processes like the student (needs an FSDP or DeepSpeed
+    ``accelerate`` config), ``offload`` keeps the weights in CPU memory and
+    streams each layer to the device for its forward pass."""
 
     path: str | None = None
     gguf_file: str | None = None
@@ -44,6 +50,7 @@ class ModelConfig:
     sft: dict[str, Any] | None = None
     init_from: Literal["teacher", None] = None
     num_layers: int | None = None
+    placement: Literal["replicate", "shard", "offload"] = "replicate"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 
 from distillkit import __version__
@@ -40,7 +41,7 @@ from distillkit.models import (
     train_bpe_tokenizer,
 )
 from distillkit.registry import registry
-from distillkit.trainer import Trainer
+from distillkit.trainer import Trainer, cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,11 @@ class Session:
 
 
 def open_session(recipe: Recipe, console: Console) -> Session:
-    tokenizer, tokenizer_id = recipe_tokenizer(recipe)
-    return Session(recipe, tokenizer, tokenizer_id, prepare_data(recipe, tokenizer), console)
+    """The recipe's tokenizer and data; under ``accelerate launch`` the main
+    process prepares (and caches) them first, the others then read the cache."""
+    with PartialState(cpu=cpu_processes()).main_process_first():
+        tokenizer, tokenizer_id = recipe_tokenizer(recipe)
+        return Session(recipe, tokenizer, tokenizer_id, prepare_data(recipe, tokenizer), console)
 
 
 def model_tokenizer(session: Session, spec: ModelConfig) -> Any:

@@ -3,12 +3,15 @@ the shared loss helpers (all averaged over response tokens)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from distillkit.batch import TokenizedExample, TrainBatch
+from distillkit.cache import fingerprint
 from distillkit.components import TeacherAdapter
 from distillkit.config import RunConfig
 from distillkit.divergences import masked_cross_entropy, masked_divergence
@@ -25,6 +28,10 @@ class Run:
     ``train_examples`` is the tokenized training set (for sources that
     pre-generate); ``teacher_id`` names the teacher checkpoint (for caches).
     ``generated_tokens`` counts every token :meth:`sample` has produced.
+    ``process_index`` / ``num_processes`` place this process in a
+    multi-process run (sources that collect data themselves take their
+    share); ``keep_going`` is the sampler's cross-process "unfinished"
+    reduction when a model is sharded (see :func:`distillkit.sampling.sample`).
     """
 
     config: RunConfig
@@ -36,6 +43,9 @@ class Run:
     train_examples: list[TokenizedExample] = field(default_factory=list)
     teacher_id: str = ""
     generated_tokens: int = 0
+    process_index: int = 0
+    num_processes: int = 1
+    keep_going: Callable[[bool], bool] = bool
 
     @property
     def options(self) -> Any:
@@ -74,18 +84,27 @@ class Run:
 
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
-        generator: torch.Generator | None = None, mix_model: torch.nn.Module | None = None, mix_weight: float = 0.0,
+        key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None, mix_weight: float = 0.0,
     ) -> list[list[int]]:
         """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
         see :func:`distillkit.sampling.sample`) with the recipe's
         ``[generation]`` settings, capped so that prompt + response fits in
-        ``data.max_length`` minus the positions the teacher adapter prepends."""
+        ``data.max_length`` minus the positions the teacher adapter prepends.
+
+        Each row's randomness is keyed by ``key`` (default: the training seed
+        and the step k) and its prompt, so a prompt gets the same sample
+        whichever process, micro-batch or batch-mates it has."""
         room = self.config.recipe.data.max_length - (self.teacher.extra_positions if self.teacher else 0)
         settings = settings_from(self.config.recipe.generation).within(prompts, room)
+        key = (self.config.training.seed, self.step) if key is None else key
+        row_keys = [int(fingerprint(*key, prompt), 16) for prompt in prompts]
+        if isinstance(model, DistributedDataParallel):  # no gradients here: skip DDP's bookkeeping
+            model = model.module
         tokenizer = self.tokenizer
-        responses = sample(getattr(model, "module", model), prompts, settings, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, generator=generator,
-                           prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight)
+        responses = sample(model, prompts, settings, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
+                           prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight,
+                           keep_going=self.keep_going)
         self.generated_tokens += sum(len(r) for r in responses)
         return responses
 

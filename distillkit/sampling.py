@@ -4,10 +4,18 @@ Prompts are left-padded with explicit ``position_ids`` (``cumsum(mask) - 1``),
 so models without learned left-padding support (GPT-2) see the same
 positions as unpadded prompts.  Sampling runs under ``no_grad`` in eval mode;
 a ``torch.Generator`` makes it reproducible without touching the global RNG.
+
+With ``row_keys``, each row draws its tokens by the Gumbel-max trick from
+counter-based noise (a splitmix64 hash of the row's key, the token index and
+the vocabulary index): a row's sample then depends only on its key, prompt
+and model, never on its batch-mates, the batch size, the process it runs in
+or the device, which is what makes a multi-process run sample exactly what
+the single-process run does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,6 +68,38 @@ def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0) -> Sampling
                             no_repeat_ngram_size)
 
 
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 torch stores (two's complement)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (multiplications wrap mod 2^64)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX[0]
+    x = (x ^ _shift_right(x, 27)) * _MIX[1]
+    return x ^ _shift_right(x, 31)
+
+
+def gumbel_noise(row_keys: torch.Tensor, token_index: int, vocab_size: int) -> torch.Tensor:
+    """(B, V) float32 standard Gumbel noise, a pure function of each row's
+    int64 key (B,), the token index and the vocabulary index."""
+    rows = _splitmix64(row_keys + _signed((token_index + 1) * 0x9E3779B97F4A7C15))
+    columns = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64) * _GOLDEN
+    bits = _shift_right(_splitmix64(rows[:, None] + columns), 40)  # the top 24 bits
+    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -100,9 +140,11 @@ def sample(
     pad_token_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    row_keys: list[int] | None = None,
     prefix_embeds: torch.Tensor | None = None,
     mix_model: torch.nn.Module | None = None,
     mix_weight: float = 0.0,
+    keep_going: Callable[[bool], bool] = bool,
 ) -> list[list[int]]:
     """Sample one response per prompt.
 
@@ -113,6 +155,11 @@ def sample(
     (positions 0..m-1, as in training).  With ``mix_model``, every token is
     drawn from ``(1 - mix_weight) * p_model + mix_weight * p_mix`` (MiniLLM's
     teacher-mixed sampling), each distribution after the same processors.
+    ``row_keys`` (one int64 per prompt) replace ``generator`` with per-row
+    noise (see the module docstring).  ``keep_going(unfinished)`` combines
+    this process's "some row is unfinished" over the processes that share a
+    sharded model (FSDP / ZeRO-3), which must all run the same number of
+    forward passes; the default, ``bool``, stops when this process is done.
     """
     models = [m for m in (model, mix_model) if m is not None]
     modes = [m.training for m in models]
@@ -123,6 +170,7 @@ def sample(
     processors = settings.processors()
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.int64, device=device)
     generated = input_ids
     out, attention_mask = _prefill(model, input_ids, prompt_mask, prefix_embeds)
     if mix_model is not None:
@@ -134,12 +182,14 @@ def sample(
             scores = torch.lerp(scores.softmax(-1), mix_scores.softmax(-1), mix_weight).log()
         if settings.temperature == 0:
             next_tokens = scores.argmax(-1)
+        elif keys is not None:
+            next_tokens = (scores + gumbel_noise(keys, step, scores.shape[-1])).argmax(-1)
         else:
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
         finished |= next_tokens == eos_token_id
-        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+        if not keep_going(not bool(finished.all())) or step == settings.max_new_tokens - 1:
             break  # no forward pass whose logits nobody reads
         out, attention_mask = _extend(model, next_tokens, attention_mask, out)
         if mix_model is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import torch
@@ -65,23 +66,16 @@ def cached_teacher_samples(run: Run, *, seed: int = 10) -> PseudoTargetSource:
     settings, so every SeqKD run on the same teacher reuses them."""
     prompts = [e.prompt_ids for e in run.train_examples]
     generation = run.config.recipe.generation
-    key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, seed)
+    key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, seed,
+                      "row-keyed")
     path = cache_root() / "teacher_generations" / f"{key}.json"
     if path.is_file():
         responses = json.loads(path.read_text())
         log.info("reusing %d cached teacher generations from %s", len(responses), path)
     else:
-        model, prefix = run.teacher.sampling_inputs()
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        responses = [[] for _ in prompts]
-        log.info("generating teacher responses for %d training prompts (cached in %s)", len(prompts), path)
-        for start in range(0, len(order), generation.batch_size):
-            chunk = order[start : start + generation.batch_size]
-            outputs = run.sample(model, [prompts[i] for i in chunk], prefix_embeds=prefix, generator=generator)
-            for index, output in zip(chunk, outputs):
-                responses[index] = output
-        write_json_atomic(path, responses)
+        responses = _generate_shared(run, prompts, generation.batch_size, seed)
+        if run.process_index == 0:
+            write_json_atomic(path, responses)
     by_prompt = {tuple(p): r for p, r in zip(prompts, responses)}
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
@@ -91,14 +85,36 @@ def cached_teacher_samples(run: Run, *, seed: int = 10) -> PseudoTargetSource:
     return make_batch
 
 
+def _generate_shared(run: Run, prompts: list[list[int]], batch_size: int, seed: int) -> list[list[int]]:
+    """One teacher sample per prompt (keyed by ``seed``, so the result does
+    not depend on the layout), each process generating its share; every
+    process returns all of them."""
+    model, prefix = run.teacher.sampling_inputs()
+    mine = sorted(range(run.process_index, len(prompts), run.num_processes), key=lambda i: len(prompts[i]))
+    # every process runs the same number of sampler calls (a sharded teacher needs all of them)
+    calls = math.ceil(math.ceil(len(prompts) / run.num_processes) / batch_size)
+    log.info("generating teacher responses for %d training prompts", len(prompts))
+    generated = {}
+    for call in range(calls):
+        chunk = mine[call * batch_size : (call + 1) * batch_size] or mine[:1]
+        outputs = run.sample(model, [prompts[i] for i in chunk], prefix_embeds=prefix, key=("teacher_cache", seed))
+        generated.update(zip(chunk, outputs))
+    if run.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        generated = dict(gather_object(list(generated.items())))
+    return [generated[i] for i in range(len(prompts))]
+
+
 def mixture(run: Run, *, fraction: float = 0.5, schedule: str = "constant") -> PseudoTargetSource:
-    """Per micro-batch coin flip (GKD): student samples with probability
+    """A coin flip per optimizer step (GKD): student samples with probability
     ``fraction * schedule(k, K)``, otherwise the dataset responses."""
     on_policy, off_policy = student_samples(run), dataset_responses(run)
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         probability = fraction * run.schedule(schedule)
-        use_student = bool(torch.rand(()) < probability)
+        coin = torch.rand((), generator=_generator(run.config.training.seed, "mixture", run.step))
+        use_student = bool(coin < probability)  # one coin per optimizer step, the same in every process
         return (on_policy if use_student else off_policy)(examples)
 
     return make_batch
@@ -112,7 +128,8 @@ def _generator(*parts: Any) -> torch.Generator:
 class TeacherMixedRollouts:
     """A rollout buffer (MiniLLM): a source with state, checkpointed by the trainer.
 
-    Every ``epochs`` passes over the buffer it collects ``size`` new rollouts:
+    Every ``epochs`` passes over the buffer it collects ``size`` new rollouts
+    (split over the processes of a multi-process run):
     prompts from the training set (a seeded permutation per data epoch),
     responses from the shared sampler drawing each token from
     ``(1 - mix_weight) q + mix_weight p`` (student q, frozen teacher p), then
@@ -166,17 +183,18 @@ class TeacherMixedRollouts:
             self.rollouts = self._collect()
             self.collections, self.passes = self.collections + 1, 0
         generator = _generator(self.run.config.training.seed, "pass", self.collections, self.passes)
-        self.order, self.cursor = torch.randperm(self.size, generator=generator).tolist(), 0
+        self.order, self.cursor = torch.randperm(len(self.rollouts), generator=generator).tolist(), 0
         self.passes += 1
 
     def _prompts(self) -> list[list[int]]:
-        """The ``size`` prompts of the next collection: consecutive slices of
-        one seeded permutation of the training set per data epoch."""
-        examples, seed = self.run.train_examples, self.run.config.training.seed
+        """This process's share of the ``size`` prompts of the next collection
+        (consecutive slices of one seeded permutation of the training set per
+        data epoch; process r of N takes every N-th from the r-th)."""
+        examples, seed, run = self.run.train_examples, self.run.config.training.seed, self.run
         first = self.collections * self.size
         permutations = {}
         prompts = []
-        for index in range(first, first + self.size):
+        for index in range(first + run.process_index, first + self.size, run.num_processes):
             epoch, position = divmod(index, len(examples))
             if epoch not in permutations:
                 generator = _generator(seed, "prompts", epoch)

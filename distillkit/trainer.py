@@ -1,10 +1,12 @@
 """The one training loop, on ``accelerate`` (CPU, one GPU, DDP, FSDP, DeepSpeed
 through ``accelerate launch``).
 
-Per optimizer step k: draw ``batch_size`` examples, let the method's source
-turn each micro-batch into ``[x ‖ y]``, then for each stage run all
-micro-batches (losses rescaled so the step averages over all response
-tokens), clip and step that stage's optimizer and LR schedule.  Evaluation
+Per optimizer step k: draw ``batch_size`` examples (the global batch; with
+N processes each takes a contiguous 1/N of it), let the method's source turn
+each micro-batch into ``[x ‖ y]``, then for each stage run all micro-batches
+(losses weighted so that the step averages over all response tokens of the
+global batch, whatever the layout), clip and step that stage's optimizer and
+LR schedule.  N processes therefore compute the same update as one.  Evaluation
 every ``eval_every`` steps keeps the best student by validation ROUGE-L (or
 loss); checkpoints (safetensors weights + optimizer, scheduler and RNG state)
 are written atomically and ``resume`` continues from the latest one.
@@ -16,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
@@ -55,8 +58,8 @@ class TrainerState:
     best_step: int = -1
     tokens: int = 0  # tokens through the student (attention-mask positions)
     elapsed_s: float = 0.0  # seconds in training steps (no setup, evaluation or checkpointing)
-    generated_tokens: int = 0  # tokens sampled by the run (pseudo-targets), see Run.sample
-    peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the process
+    generated_tokens: int = 0  # tokens sampled by the run (pseudo-targets, all processes), see Run.sample
+    peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the (main) process
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -64,6 +67,13 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_processes() -> bool:
+    """True when several processes start on a machine without CUDA (e.g.
+    ``accelerate launch --multi_gpu --num_processes 2`` on CPU): accelerate
+    then needs ``cpu=True`` to join them over gloo."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def mixed_precision(setting: str) -> str:
@@ -114,20 +124,28 @@ class Trainer:
         self.console = console or Console(stderr=True)
         if not train_examples:
             raise DistillkitError("no training examples left after filtering; check data.max_prompt_length")
-        if self.training.batch_size % self.training.micro_batch_size:
-            raise DistillkitError(
-                f"training.batch_size ({self.training.batch_size}) must be a multiple of "
-                f"training.micro_batch_size ({self.training.micro_batch_size})"
-            )
         self.accelerator = Accelerator(mixed_precision=mixed_precision(self.training.mixed_precision),
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, cpu=cpu_processes())
+        processes = self.accelerator.num_processes
+        if self.training.batch_size % (processes * self.training.micro_batch_size):
+            raise DistillkitError(
+                f"training.batch_size ({self.training.batch_size}, the global batch) must be a multiple of "
+                f"{processes} process(es) x training.micro_batch_size ({self.training.micro_batch_size}); "
+                "change one of them with --set"
+            )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise NotImplementedError(
+                "DeepSpeed: distillkit accumulates micro-batches itself and may step two optimizers per step "
+                "(student and teacher adapter); DeepSpeed's engine-managed accumulation is not wired in yet. "
+                "Use an FSDP config (recipes/accelerate/fsdp.yaml) for sharded training")
         set_seed(self.training.seed)
         self.state = TrainerState()
         self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
         self._order: list[int] = []
         self._order_epoch: int | None = None
         self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
-                       train_examples=train_examples, teacher_id=teacher_id)
+                       train_examples=train_examples, teacher_id=teacher_id,
+                       process_index=self.accelerator.process_index, num_processes=processes)
         if self.method.teacher is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
@@ -201,7 +219,8 @@ class Trainer:
         self.accelerator.load_state(str(latest))
         self.state = TrainerState(**json.loads((latest / STATE_FILE).read_text()))
         self.run.step = self.state.step
-        self.run.generated_tokens += self.state.generated_tokens
+        if self.accelerator.is_main_process:  # the state holds the sum over processes
+            self.run.generated_tokens += self.state.generated_tokens
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s (step %d)", latest, self.state.step)
 
@@ -226,12 +245,16 @@ class Trainer:
         return grouped
 
     def examples_for_step(self, step: int) -> list[TokenizedExample]:
-        """The examples of optimizer step ``step``."""
+        """This process's share of the global batch of optimizer step ``step``
+        (a contiguous slice; the last batch of an epoch may be short)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._order_epoch != epoch:
             self._order, self._order_epoch = self.epoch_order(epoch), epoch
         size = self.training.batch_size
-        return [self.train_examples[i] for i in self._order[index * size : (index + 1) * size]]
+        batch = self._order[index * size : (index + 1) * size]
+        share = math.ceil(len(batch) / self.accelerator.num_processes)
+        start = self.accelerator.process_index * share
+        return [self.train_examples[i] for i in batch[start : start + share]]
 
     def micro_batches(self, examples: list[TokenizedExample]) -> list[TrainBatch]:
         size = self.training.micro_batch_size
@@ -240,25 +263,37 @@ class Trainer:
 
     # --- training ----------------------------------------------------------
 
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over all processes (unchanged with one)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, "sum").tolist()
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer step of every stage; returns logged values."""
+        """One optimizer step of every stage; returns logged values (averages
+        over the global batch's response tokens)."""
         batches = self.micro_batches(self.examples_for_step(self.state.step))
-        total_tokens = max(sum(b.num_response_tokens for b in batches), 1)
+        local_tokens = sum(b.num_response_tokens for b in batches)
+        (global_tokens,) = self._global_sum([local_tokens])
+        processes = self.accelerator.num_processes
+        terms_by_key: dict[str, float] = {}
         logs: dict[str, float] = {}
         for stage in self.method.stages:
             self.run.student.train(stage.dropout)
             for index, batch in enumerate(batches):
-                weight = batch.num_response_tokens / total_tokens
+                weight = batch.num_response_tokens / max(global_tokens, 1)
                 last = index == len(batches) - 1
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.run.student)
                 with sync:
                     terms = stage.loss(self.run, batch)
-                    self.accelerator.backward(terms["loss"] * weight)
+                    # gradients are averaged over processes, so scale by N to get the global token average
+                    self.accelerator.backward(terms["loss"] * (weight * processes))
                 for name, value in terms.items():
                     key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
-                    logs[key] = logs.get(key, 0.0) + float(value.detach()) * weight
+                    terms_by_key[key] = terms_by_key.get(key, 0.0) + float(value.detach()) * weight
             optimizer = self.optimizers[stage.trains]
-            if stage.trains != "student" and self.accelerator.num_processes > 1:
+            if stage.trains != "student" and processes > 1:
                 for param in self._parameters(stage.trains):  # not DDP-wrapped: average by hand
                     param.grad = self.accelerator.reduce(param.grad, "mean")
             if self.training.max_grad_norm > 0:
@@ -268,8 +303,12 @@ class Trainer:
             self.schedulers[stage.trains].step()
             optimizer.zero_grad(set_to_none=True)
             logs[f"lr/{stage.trains}"] = self.schedulers[stage.trains].get_last_lr()[0]
-        self.state.tokens += int(sum(int(b.attention_mask.sum()) for b in batches))
-        return logs
+        local_positions = sum(int(b.attention_mask.sum()) for b in batches)
+        *term_values, positions, generated = self._global_sum(
+            [*terms_by_key.values(), local_positions, self.run.generated_tokens])
+        self.state.tokens += int(positions)
+        self.state.generated_tokens = int(generated)
+        return {**dict(zip(terms_by_key, term_values)), **logs}
 
     def fit(self) -> Path:
         """Train to K steps (or continue a resumed run); returns the best checkpoint."""
@@ -289,7 +328,6 @@ class Trainer:
                 self.state.step += 1
                 self.run.step = self.state.step
                 self.state.elapsed_s += seconds
-                self.state.generated_tokens = self.run.generated_tokens
                 self.state.peak_memory_mb = max(self.state.peak_memory_mb, peak_memory_mb(self.accelerator.device))
                 logs["tokens_per_s"] = (self.state.tokens - tokens_before) / max(seconds, 1e-9)
                 lr = next(v for k, v in logs.items() if k.startswith("lr/"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from distillkit.sampling import SamplingSettings, sample
+from distillkit.sampling import SamplingSettings, gumbel_noise, sample
 
 from .conftest import tiny_model
 
@@ -75,3 +78,44 @@ def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
     head.bias.data[len(tokenizer):] = 50.0  # padded rows would win without slicing
     out = _run(model, tokenizer, _prompts(tokenizer), SamplingSettings(max_new_tokens=8), seed=0)
     assert max(max(r) for r in out) < len(tokenizer)
+
+
+def _splitmix64(x: int) -> int:
+    """The reference splitmix64 finaliser on Python integers."""
+    mask = (1 << 64) - 1
+    x &= mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_gumbel_noise_matches_a_pure_python_reference():
+    golden = 0x9E3779B97F4A7C15
+    keys = [0, 123_456_789, (1 << 47) + 5]
+    noise = gumbel_noise(torch.tensor(keys), 3, 9)
+    for row, key in enumerate(keys):
+        hashed = _splitmix64(key + 4 * golden)
+        for column in range(9):
+            uniform = ((_splitmix64(hashed + column * golden) >> 40) + 0.5) / 2**24
+            assert noise[row, column].item() == pytest.approx(-math.log(-math.log(uniform)), abs=1e-5)
+
+
+def test_gumbel_noise_is_standard_gumbel():
+    noise = gumbel_noise(torch.arange(64), 0, 4096).double()
+    assert noise.mean().item() == pytest.approx(0.5772, abs=0.01)  # Euler-Mascheroni constant
+    assert noise.std().item() == pytest.approx(math.pi / math.sqrt(6), abs=0.01)
+
+
+def test_row_keys_make_a_sample_independent_of_its_batch_mates(tokenizer):
+    model = tiny_model(tokenizer, n_layer=2, seed=1)
+    prompts = _prompts(tokenizer)
+    settings = SamplingSettings(max_new_tokens=12)
+
+    def draw(chosen, keys):
+        return sample(model, [prompts[i] for i in chosen], settings, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), row_keys=keys)
+
+    together = draw([0, 1, 2], [11, 12, 13])
+    assert [draw([i], [key])[0] for i, key in zip([0, 1, 2], [11, 12, 13])] == together
+    assert draw([2, 0], [13, 11]) == [together[2], together[0]]
+    assert len({tuple(draw([0], [key])[0]) for key in range(20)}) > 1  # other keys, other samples
