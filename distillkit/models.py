@@ -358,8 +358,10 @@ def check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> N
             )
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """Write model weights (safetensors), config and tokenizer to ``folder``."""
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model weights (safetensors; ``state_dict`` if given, e.g. the
+    full weights gathered from a sharded model), config and tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

@@ -15,7 +15,8 @@ the single-process run does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,21 +105,46 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def prefix_embeddings(model: torch.nn.Module, prefix: torch.Tensor) -> Iterator[None]:
+    """Within the context, the first m positions of every forward pass of
+    ``model`` take ``prefix`` (m, d) as their input embeddings, whatever token
+    ids stand there.  The swap happens inside the embedding layer's forward,
+    so it also works when the weights are sharded (FSDP gathers them only
+    during the forward pass), and gradients flow into ``prefix``."""
+    length = prefix.shape[0]
+
+    def swap(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        front = prefix.to(device=output.device, dtype=output.dtype).expand(output.shape[0], -1, -1)
+        return torch.cat([front, output[:, length:]], dim=1)
+
+    handle = model.get_input_embeddings().register_forward_hook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def with_prefix_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+    """(B, T) ids and mask with ``length`` attended placeholder positions in
+    front, for :func:`prefix_embeddings` to fill."""
+    slots = input_ids.new_zeros((input_ids.shape[0], length))
+    return torch.cat([slots, input_ids], dim=1), torch.cat([torch.ones_like(slots), attention_mask], dim=1)
+
+
 def _prefill(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_embeds: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor]:
     """Run the left-padded prompts (B, P) through ``model`` with a KV cache;
     returns the output (last position's logits only) and the attention mask,
     extended by the prefix when ``prefix_embeds`` (m, d) is given."""
-    if prefix_embeds is None:
-        inputs = {"input_ids": input_ids}
-    else:
-        embeds = model.get_input_embeddings()(input_ids)
-        prefix = prefix_embeds.to(device=embeds.device, dtype=embeds.dtype).expand(input_ids.shape[0], -1, -1)
-        inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
-        attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-    out = model(**inputs, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=True,
-                logits_to_keep=1)  # the prefill needs the last position's logits only
+    context = contextlib.nullcontext()
+    if prefix_embeds is not None:
+        input_ids, attention_mask = with_prefix_slots(input_ids, attention_mask, prefix_embeds.shape[0])
+        context = prefix_embeddings(model, prefix_embeds)
+    with context:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                    use_cache=True, logits_to_keep=1)  # the prefill needs the last position's logits only
     return out, attention_mask
 
 

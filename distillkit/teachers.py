@@ -19,6 +19,7 @@ from distillkit.components import TeacherAdapterFactory
 from distillkit.errors import DistillkitError
 from distillkit.models import max_positions
 from distillkit.run import Run
+from distillkit.sampling import prefix_embeddings, with_prefix_slots
 
 PROMPT_INIT_TEXT = "Suppose you are a student."
 
@@ -96,18 +97,16 @@ class SoftPromptTeacher(FrozenTeacher):
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         if not adapted:
             return super().logits(batch)
-        batch_size, length = batch.input_ids.shape[0], self.prompt.weight.shape[0]
+        length = self.prompt.weight.shape[0]
         if self.max_positions is not None and batch.input_ids.shape[1] + length > self.max_positions:
             raise DistillkitError(
                 f"a {batch.input_ids.shape[1]}-token sequence plus the {length}-token soft prompt exceeds the "
                 f"teacher's {self.max_positions} positions; lower data.max_length to {self.max_positions - length}")
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
-        prefix = self.prompt.weight.to(embeds.dtype).expand(batch_size, -1, -1)
-        mask = torch.cat([batch.attention_mask.new_ones((batch_size, length)), batch.attention_mask], dim=1)
+        input_ids, mask = with_prefix_slots(batch.input_ids, batch.attention_mask, length)
         self.model.train(grad and self.train_mode_for_grad)
         try:
-            with torch.set_grad_enabled(grad):
-                out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), attention_mask=mask)
+            with torch.set_grad_enabled(grad), prefix_embeddings(self.model, self.prompt.weight):
+                out = self.model(input_ids=input_ids, attention_mask=mask)
         finally:
             self.model.eval()
         return out.logits[:, length:-1]

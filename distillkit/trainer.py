@@ -143,13 +143,18 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
         self._order: list[int] = []
         self._order_epoch: int | None = None
+        if self.sharded and self.training.select_by == "rougeL" and validation_examples:
+            raise DistillkitError(
+                "FSDP: validation by ROUGE-L would generate from the sharded student outside the training loop, "
+                "which is not supported yet; set training.select_by = 'loss' (--set training.select_by=loss)")
         self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
                        train_examples=train_examples, teacher_id=teacher_id,
-                       process_index=self.accelerator.process_index, num_processes=processes)
+                       process_index=self.accelerator.process_index, num_processes=processes,
+                       keep_going=self._any_process if self.sharded else bool)
         if self.method.teacher is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
-            teacher.to(self.accelerator.device)
+            teacher = self._place_teacher(teacher)
             adapter = registry().teacher_adapters[self.method.teacher]
             self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_options(config.options))
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
@@ -158,6 +163,31 @@ class Trainer:
         self._resume_or_start(resume)
 
     # --- setup -------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        """Whether models are split over the processes (every forward pass is collective)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The frozen teacher on this process per ``teacher.placement``:
+        a whole copy, sharded like the student (FSDP), or offloaded to CPU
+        memory with each layer moved to the device for its forward pass."""
+        teacher.requires_grad_(False)
+        placement, device = self.config.recipe.teacher.placement, self.accelerator.device
+        if placement == "shard":
+            if not self.sharded:
+                raise DistillkitError(
+                    "teacher.placement = 'shard' needs an FSDP accelerate config (accelerate launch --config_file "
+                    "recipes/accelerate/fsdp.yaml ...); with this layout use 'replicate' or 'offload'")
+            sharded = self.accelerator.prepare_model(teacher)
+            self.accelerator._models.remove(sharded)  # frozen: no part of the checkpoints
+            return sharded
+        if placement == "offload" and device.type != "cpu":
+            from accelerate import cpu_offload
+
+            return cpu_offload(teacher, execution_device=device)
+        return teacher.to(device)
 
     def _parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "student":
@@ -269,6 +299,10 @@ class Trainer:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(tensor, "sum").tolist()
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` or-ed over all processes."""
+        return self._global_sum([float(flag)])[0] > 0
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step of every stage; returns logged values (averages
@@ -422,11 +456,14 @@ class Trainer:
             tmp.rename(final)
 
     def _save_best(self, metrics: dict[str, float]) -> None:
+        """The student (full weights, gathered from every process when it is
+        sharded), the teacher adapter and the metrics, into ``best``."""
+        state = self.accelerator.get_state_dict(self.run.student)  # collective under FSDP
         if not self.accelerator.is_main_process:
             return
 
         def write(folder: Path) -> None:
-            save_model(self.accelerator.unwrap_model(self.run.student), self.tokenizer, folder)
+            save_model(self.accelerator.unwrap_model(self.run.student), self.tokenizer, folder, state_dict=state)
             save_adapter = getattr(self.run.teacher, "save", None)
             if save_adapter is not None:
                 save_adapter(folder / "teacher_adapter")

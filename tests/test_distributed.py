@@ -74,3 +74,23 @@ def test_global_batch_must_split_evenly_over_processes(recipe_file, tmp_path):
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "must be a multiple of 2 process(es) x training.micro_batch_size (2)" in result.stderr
+
+
+def test_teacher_placement_shard_needs_a_sharded_layout(recipe_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from distillkit.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--method", "kd", "--recipe", str(recipe_file(steps=1)), "--output",
+                                      str(tmp_path / "run"), "--set", "teacher.placement=shard"])
+    assert result.exit_code == 2
+    assert "teacher.placement = 'shard' needs an FSDP accelerate config" in " ".join(result.output.split())
+
+
+def test_teacher_placement_offload_trains_on_cpu(recipe_file, tmp_path):
+    """On a CPU device the weights already live in CPU memory: offload keeps them there."""
+    from distillkit.pipeline import train
+
+    best = train("kd", str(recipe_file(steps=2, eval_every=2)), output=tmp_path / "run",
+                 overrides=["teacher.placement=offload"])
+    assert (best / "model.safetensors").is_file()
