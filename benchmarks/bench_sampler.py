@@ -8,7 +8,10 @@ models with random weights, at two sizes.  They run in one process,
 interleaved, with the same seed per repeat: ``sample`` draws from a seeded
 ``torch.Generator`` and ``generate`` from the global RNG seeded with the
 same value, so both draw the *same tokens* -- the script checks that the
-sequences are identical, hence that both arms did the same work.
+sequences are identical, hence that both arms did the same work.  A third
+arm, ``sample (row keys)``, is the training path (``Run.sample``): per-row
+counter-based Gumbel noise instead of one generator; it draws other tokens,
+so its row "steps" shows that it decoded as many positions.
 Throughput counts every decoded position (batch x steps), the work both arms
 do whether or not a row has emitted EOS.
 """
@@ -51,6 +54,12 @@ def compare(model, prompts, tokenizer, n_new: int, repeats: int, seed: int) -> d
                      generator=generator)
         outputs["distillkit sample"], steps["distillkit sample"] = out, max(map(len, out))
 
+    def keyed(rep: int) -> None:
+        keys = [seed * 1000 + rep * 100 + row for row in range(len(prompts))]
+        out = sample(model, prompts, settings, eos_token_id=eos, pad_token_id=pad, vocab_size=len(tokenizer),
+                     row_keys=keys)
+        steps["distillkit sample (row keys)"] = max(map(len, out))
+
     def hf(rep: int) -> None:
         torch.manual_seed(seed * 1000 + rep)  # the global RNG: generate draws the same tokens as ours
         with torch.no_grad():
@@ -61,7 +70,7 @@ def compare(model, prompts, tokenizer, n_new: int, repeats: int, seed: int) -> d
         outputs["HF generate"] = [r[: r.index(eos) + 1] if eos in r else r for r in new]
         steps["HF generate"] = len(new[0])
 
-    arms = {"distillkit sample": ours, "HF generate": hf}
+    arms = {"distillkit sample": ours, "HF generate": hf, "distillkit sample (row keys)": keyed}
     names = list(arms)
     times = {name: [] for name in names}
     identical, lengths = [], {name: [] for name in names}
@@ -116,6 +125,9 @@ def main() -> None:
         generate = times["HF generate"]  # tokens/s ratio = inverse time ratio (same tokens)
         ratio_lines.append(_common.ratio_line(f"{size_name}  tokens/s distillkit sample / HF generate",
                                               generate, times["distillkit sample"], ">= 1.0"))
+        ratio_lines.append(_common.ratio_line(f"{size_name}  tokens/s sample (row keys) / sample (generator)",
+                                              times["distillkit sample"], times["distillkit sample (row keys)"],
+                                              "~ 1.0"))
         checks.append(f"{size_name}: identical sequences in both arms: min {min(result['identical'])}/{len(prompts)} "
                       "rows per repeat; tokens through first EOS per repeat: "
                       + ", ".join(f"{n} {v}" for n, v in result["lengths"].items())

@@ -88,20 +88,21 @@ class Run:
     ) -> list[list[int]]:
         """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
         see :func:`distillkit.sampling.sample`) with the recipe's
-        ``[generation]`` settings, capped so that prompt + response fits in
-        ``data.max_length`` minus the positions the teacher adapter prepends.
+        ``[generation]`` settings, each capped so that its prompt + response
+        fits in ``data.max_length`` minus the positions the teacher adapter
+        prepends.
 
         Each row's randomness is keyed by ``key`` (default: the training seed
         and the step k) and its prompt, so a prompt gets the same sample
         whichever process, micro-batch or batch-mates it has."""
         room = self.config.recipe.data.max_length - (self.teacher.extra_positions if self.teacher else 0)
-        settings = settings_from(self.config.recipe.generation).within(prompts, room)
         key = (self.config.training.seed, self.step) if key is None else key
         row_keys = [int(fingerprint(*key, prompt), 16) for prompt in prompts]
         if isinstance(model, DistributedDataParallel):  # no gradients here: skip DDP's bookkeeping
             model = model.module
         tokenizer = self.tokenizer
-        responses = sample(model, prompts, settings, eos_token_id=tokenizer.eos_token_id,
+        responses = sample(model, prompts, settings_from(self.config.recipe.generation), max_length=room,
+                           eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
                            prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight,
                            keep_going=self.keep_going)

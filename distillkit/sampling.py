@@ -171,11 +171,14 @@ def sample(
     mix_model: torch.nn.Module | None = None,
     mix_weight: float = 0.0,
     keep_going: Callable[[bool], bool] = bool,
+    max_length: int = 0,
 ) -> list[list[int]]:
     """Sample one response per prompt.
 
     Returns the response token ids of each prompt, through the first EOS
-    (kept) or cut at ``max_new_tokens``.  ``vocab_size`` (the tokenizer's
+    (kept) or cut at ``max_new_tokens``; with ``max_length`` > 0 also at
+    ``max_length - len(prompt)``, per row (``max_new_tokens = 0``: that
+    alone), so a row's length limit does not depend on its batch-mates.  ``vocab_size`` (the tokenizer's
     size) masks padded rows of the output matrix.  ``prefix_embeds`` (m, d),
     e.g. a soft prompt, is prepended to every prompt as input embeddings
     (positions 0..m-1, as in training).  With ``mix_model``, every token is
@@ -194,14 +197,23 @@ def sample(
     device = next(model.parameters()).device
     input_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     processors = settings.processors()
-    batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    fill = 2**62 if max_length > 0 else 0  # max_new_tokens = 0: up to max_length
+    budget = torch.full_like(lengths, settings.max_new_tokens if settings.max_new_tokens > 0 else fill)
+    if max_length > 0:
+        budget = torch.minimum(budget, (max_length - lengths).clamp(min=0))
+    finished = budget == 0
     keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.int64, device=device)
     generated = input_ids
     out, attention_mask = _prefill(model, input_ids, prompt_mask, prefix_embeds)
     if mix_model is not None:
         mix_out, mix_mask = _prefill(mix_model, input_ids, prompt_mask, None)
-    for step in range(settings.max_new_tokens):
+    step = 0
+    while keep_going(not bool(finished.all())):
+        if step > 0:  # feed the previous token (no forward pass whose logits nobody reads)
+            out, attention_mask = _extend(model, generated[:, -1], attention_mask, out)
+            if mix_model is not None:
+                mix_out, mix_mask = _extend(mix_model, generated[:, -1], mix_mask, mix_out)
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
         if mix_model is not None:  # mix in probability space
             mix_scores = processors(generated, mix_out.logits[:, -1, :vocab_size].float())
@@ -214,16 +226,12 @@ def sample(
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
-        finished |= next_tokens == eos_token_id
-        if not keep_going(not bool(finished.all())) or step == settings.max_new_tokens - 1:
-            break  # no forward pass whose logits nobody reads
-        out, attention_mask = _extend(model, next_tokens, attention_mask, out)
-        if mix_model is not None:
-            mix_out, mix_mask = _extend(mix_model, next_tokens, mix_mask, mix_out)
+        step += 1
+        finished |= (next_tokens == eos_token_id) | (budget <= step)
     for m, mode in zip(models, modes):
         m.train(mode)
     responses = []
-    for row in generated[:, input_ids.shape[1] :].tolist():
+    for row, limit in zip(generated[:, input_ids.shape[1] :].tolist(), budget.tolist()):
         end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        responses.append(row[:end])
+        responses.append(row[: min(end, limit)])
     return responses

@@ -119,3 +119,18 @@ def test_row_keys_make_a_sample_independent_of_its_batch_mates(tokenizer):
     assert [draw([i], [key])[0] for i, key in zip([0, 1, 2], [11, 12, 13])] == together
     assert draw([2, 0], [13, 11]) == [together[2], together[0]]
     assert len({tuple(draw([0], [key])[0]) for key in range(20)}) > 1  # other keys, other samples
+
+
+def test_max_length_caps_each_row_by_its_own_prompt(tokenizer):
+    """Every row fills up to max_length whatever its batch-mates' prompt lengths are."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1)
+    short, long = _prompts(tokenizer)[1], _prompts(tokenizer)[0]
+    settings = SamplingSettings(max_new_tokens=0)
+
+    def draw(chosen, keys):
+        return sample(model, chosen, settings, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), row_keys=keys, max_length=len(long) + 6)
+
+    together = draw([short, long], [1, 2])
+    assert [len(r) for r in together] == [len(long) + 6 - len(short), 6]
+    assert draw([short], [1]) == together[:1] and draw([long], [2]) == together[1:]
