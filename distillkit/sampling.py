@@ -148,9 +148,14 @@ def _prefill(
     return out, attention_mask
 
 
-def _extend(model: torch.nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor, out: Any) -> tuple[Any, torch.Tensor]:
-    """Feed one new token per row (B,) through ``model`` on top of its cache."""
-    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((tokens.shape[0], 1))], dim=-1)
+def _extend(
+    model: torch.nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor, out: Any, live: torch.Tensor
+) -> tuple[Any, torch.Tensor]:
+    """Feed one new token per row (B,) through ``model`` on top of its cache.
+    Rows that are no longer ``live`` (B,) (finished) get a masked position
+    that does not advance, so a long-finished row never runs past its
+    model's positions while others go on."""
+    attention_mask = torch.cat([attention_mask, live[:, None].to(attention_mask.dtype)], dim=-1)
     out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=_positions(attention_mask)[:, -1:],
                 past_key_values=out.past_key_values, use_cache=True)
     return out, attention_mask
@@ -211,9 +216,9 @@ def sample(
     step = 0
     while keep_going(not bool(finished.all())):
         if step > 0:  # feed the previous token (no forward pass whose logits nobody reads)
-            out, attention_mask = _extend(model, generated[:, -1], attention_mask, out)
+            out, attention_mask = _extend(model, generated[:, -1], attention_mask, out, ~finished)
             if mix_model is not None:
-                mix_out, mix_mask = _extend(mix_model, generated[:, -1], mix_mask, mix_out)
+                mix_out, mix_mask = _extend(mix_model, generated[:, -1], mix_mask, mix_out, ~finished)
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
         if mix_model is not None:  # mix in probability space
             mix_scores = processors(generated, mix_out.logits[:, -1, :vocab_size].float())

@@ -22,8 +22,11 @@ STEPS = 3
 
 
 def _train(recipe: Path, method: str, output: Path, *, processes: int) -> None:
-    """``distillkit train`` in a fresh interpreter, under ``accelerate launch`` for 2 processes."""
-    overrides = [arg for setting in [*NO_DROPOUT, "training.micro_batch_size=2"] for arg in ("--set", setting)]
+    """``distillkit train`` in a fresh interpreter, under ``accelerate launch`` for 2 processes.
+    The global batch of 8 is split into other micro-batches in each layout (1 x [4, 4] vs
+    2 x [2, 2]), and samples fill up to ``data.max_length`` (each row's limit binds)."""
+    settings = [*NO_DROPOUT, f"training.micro_batch_size={4 // processes}", "generation.max_new_tokens=0"]
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = ["-m", "distillkit", "train", "--method", method, "--recipe", str(recipe), "--output", str(output),
                "--max-steps", str(STEPS), *overrides]
     if processes > 1:
@@ -39,7 +42,7 @@ def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["kd", "promptkd"])
 def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp_path):
-    recipe = recipe_file(steps=STEPS, eval_every=STEPS)  # batch 8 = 2 processes x 2 micro-batches x 2
+    recipe = recipe_file(steps=STEPS, eval_every=STEPS)
     single, double = tmp_path / "one", tmp_path / "two"
     _train(recipe, method, single, processes=1)  # also prepares the cached teacher the second run reuses
     _train(recipe, method, double, processes=2)

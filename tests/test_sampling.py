@@ -122,9 +122,10 @@ def test_row_keys_make_a_sample_independent_of_its_batch_mates(tokenizer):
 
 
 def test_max_length_caps_each_row_by_its_own_prompt(tokenizer):
-    """Every row fills up to max_length whatever its batch-mates' prompt lengths are."""
-    model = tiny_model(tokenizer, n_layer=2, seed=1)
+    """Every row fills up to max_length whatever its batch-mates' prompt lengths are, and
+    finished rows stop advancing: no position beyond the model's last one is used."""
     short, long = _prompts(tokenizer)[1], _prompts(tokenizer)[0]
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=len(long) + 6)
     settings = SamplingSettings(max_new_tokens=0)
 
     def draw(chosen, keys):
