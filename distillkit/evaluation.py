@@ -61,17 +61,26 @@ def generate(
     batch_size: int,
     max_length: int,
     progress: Callable[[int], None] | None = None,
+    row_keyed: bool = False,
 ) -> list[list[int]]:
     """Sample a response for each example (in input order).  Batches group
-    prompts of similar length; ``max_new_tokens = 0`` fills up to ``max_length``."""
+    prompts of similar length; ``max_new_tokens = 0`` fills up to ``max_length``.
+    ``row_keyed``: each prompt's noise and length limit are its own (keyed by
+    ``seed`` and the prompt), so the responses do not depend on the batching
+    or on how the examples are split over processes."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     responses: list[list[int]] = [[] for _ in examples]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         prompts = [examples[i].prompt_ids for i in chunk]
-        outputs = sample(model, prompts, settings.within(prompts, max_length), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=generator)
+        if row_keyed:
+            randomness = {"row_keys": [int(fingerprint(seed, p), 16) for p in prompts], "max_length": max_length}
+            chunk_settings = settings
+        else:
+            randomness, chunk_settings = {"generator": generator}, settings.within(prompts, max_length)
+        outputs = sample(model, prompts, chunk_settings, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), **randomness)
         for index, output in zip(chunk, outputs):
             responses[index] = output
         if progress is not None:
@@ -89,12 +98,14 @@ def evaluate(
     batch_size: int,
     max_length: int,
     progress: Callable[[int], None] | None = None,
+    row_keyed: bool = False,
 ) -> EvalResult:
-    """Mean ROUGE-L of sampled responses, one value per seed."""
+    """Mean ROUGE-L of sampled responses, one value per seed (``row_keyed``:
+    see :func:`generate`)."""
     result = EvalResult(per_seed={})
     for seed in seeds:
         outputs = generate(model, tokenizer, examples, settings, seed=seed, batch_size=batch_size,
-                           max_length=max_length, progress=progress)
+                           max_length=max_length, progress=progress, row_keyed=row_keyed)
         texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
         scores = [rouge_l(text.strip(), ex.example.references) for text, ex in zip(texts, examples)]
         result.per_seed[seed] = statistics.fmean(scores) if scores else 0.0

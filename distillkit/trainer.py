@@ -1,5 +1,5 @@
-"""The one training loop, on ``accelerate`` (CPU, one GPU, DDP, FSDP, DeepSpeed
-through ``accelerate launch``).
+"""The one training loop, on ``accelerate`` (CPU, one GPU, DDP and FSDP
+through ``accelerate launch``; DeepSpeed is not wired in yet).
 
 Per optimizer step k: draw ``batch_size`` examples (the global batch; with
 N processes each takes a contiguous 1/N of it), let the method's source turn
@@ -7,8 +7,9 @@ each micro-batch into ``[x ‖ y]``, then for each stage run all micro-batches
 (losses weighted so that the step averages over all response tokens of the
 global batch, whatever the layout), clip and step that stage's optimizer and
 LR schedule.  N processes therefore compute the same update as one.  Evaluation
-every ``eval_every`` steps keeps the best student by validation ROUGE-L (or
-loss); checkpoints (safetensors weights + optimizer, scheduler and RNG state)
+every ``eval_every`` steps (split over the processes, with per-prompt sampling
+noise, so its result does not depend on the layout either) keeps the best
+student by validation ROUGE-L (or loss); checkpoints (safetensors weights + optimizer, scheduler and RNG state)
 are written atomically and ``resume`` continues from the latest one.
 """
 
@@ -378,33 +379,44 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------
 
+    def validation_share(self) -> list[TokenizedExample]:
+        """This process's share of the validation examples (every N-th), or
+        all of them when models are sharded (then every process must run the
+        same forward passes)."""
+        if self.sharded:
+            return self.validation_examples
+        return self.validation_examples[self.accelerator.process_index :: self.accelerator.num_processes]
+
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_loss_sum(self, examples: list[TokenizedExample]) -> tuple[float, int]:
+        """(sum of the response tokens' losses in nats, number of those tokens)."""
         student = self.run.student
         student.eval()
         pad_id = self.tokenizer.pad_token_id
-        losses, weights = [], []
+        total, tokens = 0.0, 0
         size = self.training.micro_batch_size
-        for start in range(0, len(self.validation_examples), size):
-            chunk = self.validation_examples[start : start + size]
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
             batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], pad_id)
             batch = batch.to(self.accelerator.device)
-            losses.append(float(self.run.cross_entropy(self.run.student_logits(batch), batch)))
-            weights.append(batch.num_response_tokens)
-        return sum(loss * w for loss, w in zip(losses, weights)) / max(sum(weights), 1)
+            total += float(self.run.cross_entropy(self.run.student_logits(batch), batch)) * batch.num_response_tokens
+            tokens += batch.num_response_tokens
+        return total, tokens
 
     def _evaluate_and_select(self, progress: Progress) -> None:
         if not self.validation_examples:
             return
         generation = self.config.recipe.generation
-        settings = settings_from(generation)
-        task = progress.add_task("validation", total=len(self.validation_examples), status="")
-        result = evaluate(self.accelerator.unwrap_model(self.run.student), self.tokenizer, self.validation_examples,
-                          settings, seeds=[self.training.seed], batch_size=generation.batch_size,
-                          max_length=self.config.recipe.data.max_length,
-                          progress=lambda n: progress.advance(task, n))
+        share = self.validation_share()
+        task = progress.add_task("validation", total=len(share), status="")
+        result = evaluate(self.accelerator.unwrap_model(self.run.student), self.tokenizer, share,
+                          settings_from(generation), seeds=[self.training.seed], batch_size=generation.batch_size,
+                          max_length=self.config.recipe.data.max_length, progress=lambda n: progress.advance(task, n),
+                          row_keyed=True)
         progress.remove_task(task)
-        metrics = {"rougeL": result.mean, "loss": self.validation_loss()}
+        sums = [result.mean * len(share), len(share), *self.validation_loss_sum(share)]
+        rouge_sum, count, loss_sum, tokens = sums if self.sharded else self._global_sum(sums)
+        metrics = {"rougeL": rouge_sum / max(count, 1), "loss": loss_sum / max(tokens, 1)}
         metric = metrics[self.training.select_by]
         best = self.state.best_metric
         improved = best is None or (metric > best if self.training.select_by == "rougeL" else metric < best)

@@ -66,6 +66,11 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
     losses = [[json.loads(line).get("student/loss", json.loads(line).get("loss")) for line in lines[:STEPS]]
               for lines in metrics]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # validation is split over the processes, with per-prompt sampling: the same scores
+    validations = [[json.loads(line) for line in lines if "val/rougeL" in line] for lines in metrics]
+    assert len(validations[0]) == len(validations[1]) == 1
+    for key in ("val/rougeL", "val/loss"):
+        assert validations[0][0][key] == pytest.approx(validations[1][0][key], rel=1e-5)
 
 
 def test_global_batch_must_split_evenly_over_processes(recipe_file, tmp_path):
