@@ -40,7 +40,8 @@ def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(folder / name)
 
 
-@pytest.mark.parametrize("method", ["kd", "promptkd"])
+# MiniLLM is left out by design: each process keeps its own rollout buffer and pass order.
+@pytest.mark.parametrize("method", ["kd", "seqkd", "gkd", "promptkd"])
 def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp_path):
     recipe = recipe_file(steps=STEPS, eval_every=STEPS)
     single, double = tmp_path / "one", tmp_path / "two"
@@ -52,9 +53,10 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
     assert states[0]["tokens"] == states[1]["tokens"] > 0  # the same examples, split over the processes
     assert states[0]["generated_tokens"] == states[1]["generated_tokens"]  # and the same samples
     files = [f"{checkpoint}/model.safetensors"]
+    if method != "kd":
+        assert states[0]["generated_tokens"] > 0
     if method == "promptkd":
         files.append("best/teacher_adapter/soft_prompt.safetensors")
-        assert states[0]["generated_tokens"] > 0
     for name in files:
         one, two = _weights(single, name), _weights(double, name)
         assert one.keys() == two.keys()
