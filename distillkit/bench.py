@@ -314,9 +314,9 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
 
 
 def dry_run(config: BenchConfig, console: Console) -> None:
-    """Print the cells and the memory estimate per model, and whether it fits."""
-    from distillkit.pipeline import recipe_tokenizer
-    from distillkit.planning import available_memory, estimate
+    """Print the cells and each method's memory plan per device (see
+    :mod:`distillkit.planning`), and whether it fits."""
+    from distillkit.planning import available_memory, estimate, resolve_layout, verdict
 
     config.validate()
     recipe = load_recipe(config.recipe, config.overrides)
@@ -329,17 +329,15 @@ def dry_run(config: BenchConfig, console: Console) -> None:
         plan.add_row(f"eval {model}", f"{', '.join(config.sets)} x seeds {config.seeds}"
                                       + (f", first {config.limit} examples" if config.limit else ""))
     console.print(plan)
-    tokenizer, _ = recipe_tokenizer(recipe)
-    rows = estimate(recipe, tokenizer)
-    memory = Table("model", "parameters", "dtype", "estimate (MiB)", "note", title="memory estimate (training)")
-    for row in rows:
-        memory.add_row(row.role, "?" if row.parameters is None else f"{row.parameters:,}", row.dtype,
-                       "?" if row.megabytes is None else f"{row.megabytes:,.0f}", row.note)
+    layout = resolve_layout()
+    device, free = available_memory(layout)
+    memory = Table("method", "peak (MiB)", "largest phase", "verdict",
+                   title=f"memory estimate (training, per device; {layout.describe()})")
+    shapes: dict = {}
+    for method in config.methods:
+        estimated = estimate(recipe, method, layout, shapes=shapes)
+        shapes = {"student": estimated.student, **({"teacher": estimated.teacher} if estimated.teacher else {})}
+        memory.add_row(method, f"{estimated.needed():,.0f}", estimated.peak_phase(), verdict(estimated, free)[1])
     console.print(memory)
-    device, free = available_memory()
-    if any(r.megabytes is None for r in rows):
-        console.print(f"{device}: {free:,.0f} MiB free; cannot tell whether it fits (a model's config is unknown)")
-        return
-    needed = sum(r.megabytes for r in rows)
-    verdict = "fits" if needed <= free else "does NOT fit"
-    console.print(f"{device}: {free:,.0f} MiB free; estimate {needed:,.0f} MiB (without activations): {verdict}")
+    console.print(f"{device}: {free:,.0f} MiB; `distillkit train --method M --recipe {recipe.name} --dry-run` "
+                  "itemises a method's plan")

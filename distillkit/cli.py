@@ -88,9 +88,29 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key=value")] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --output from its latest checkpoint")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-device memory plan and whether it fits; "
+                                                            "train nothing, load no weights")] = False,
+    accelerate_config: Annotated[str | None, typer.Option(
+        help="with --dry-run: the layout to plan for, an accelerate config file or a shipped one's name (fsdp, ddp, "
+             "zero2, zero3-offload, ...) [default: the accelerate launch environment, else one device]")] = None,
+    device_memory: Annotated[float | None, typer.Option(
+        "--device-memory", metavar="GIB", help="with --dry-run: memory per device in GiB [default: the first CUDA "
+                                               "device's free memory, else available CPU RAM]")] = None,
 ) -> None:
     """Distill (or fine-tune) a student with METHOD on RECIPE."""
     _setup_logging()
+    if dry_run:
+        import os
+
+        from distillkit.planning import dry_run as plan_run
+
+        try:
+            if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints
+                plan_run(method, recipe, overrides=set_ or [], accelerate_config=accelerate_config,
+                         device_memory_gib=device_memory, console=out)
+        except DistillkitError as error:
+            _fail(error)
+        return
     from distillkit.pipeline import train as run_training
 
     try:

@@ -1,5 +1,6 @@
-"""`distillkit bench`: memory planning, tables, and an end-to-end resumable
-bench of two methods on the tiny test recipe."""
+"""`distillkit bench`: the dry-run plan, tables, and an end-to-end resumable
+bench of two methods on the tiny test recipe (the memory planner itself:
+test_planning.py)."""
 
 from __future__ import annotations
 
@@ -12,33 +13,7 @@ from typer.testing import CliRunner
 from distillkit import bench
 from distillkit.bench import BenchConfig, Results, quality_markdown, quality_rows, run_bench
 from distillkit.cli import app
-from distillkit.config import ModelConfig, load_recipe
 from distillkit.errors import DistillkitError
-from distillkit.models import load_model
-from distillkit.planning import estimate, parameter_count
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def test_parameter_count_matches_the_built_models(recipe_file, tokenizer):
-    recipe = load_recipe(str(recipe_file()))
-    for role in ("teacher", "student"):
-        spec = getattr(recipe, role)
-        assert parameter_count(spec, tokenizer) == _count(load_model(spec, tokenizer, role))
-    teacher = ModelConfig(config={"model_type": "gpt2", "n_layer": 3, "n_embd": 32, "n_head": 2, "n_positions": 64})
-    cut = ModelConfig(init_from="teacher", num_layers=1)
-    assert parameter_count(cut, tokenizer, teacher) == _count(load_model(cut, tokenizer, "student", teacher=teacher))
-
-
-def test_estimate_counts_adam_state_for_the_student_and_weights_for_the_teacher(recipe_file, tokenizer):
-    recipe = load_recipe(str(recipe_file()))
-    rows = {row.role: row for row in estimate(recipe, tokenizer)}
-    assert rows["teacher"].megabytes == pytest.approx(rows["teacher"].parameters * 4 / 2**20)
-    assert rows["student"].megabytes == pytest.approx(rows["student"].parameters * 16 / 2**20)
-    micro, length = recipe.training.micro_batch_size, recipe.data.max_length
-    assert rows["logits"].megabytes == pytest.approx(3 * micro * length * len(tokenizer) * 4 / 2**20)
 
 
 def _results(tmp_path) -> Results:
