@@ -36,8 +36,13 @@ processes when this machine has no CUDA device, as distillkit then runs them.
   ``data.max_length`` tokens per process) through each model carrying
   gradients: the student; the teacher in a stage training its adapter (a soft
   prompt sends gradients through the frozen teacher, m more positions).
-  Bytes per token are ``L (c_h h + c_kv kv + c_f f + 32) + c_b h`` for hidden
-  size h, key/value width kv, feed-forward size f and L layers, with
+  Bytes per token are ``L (c_h h + c_kv kv + c_f f + 32 + 4 T) + c_b h`` for
+  hidden size h, feed-forward size f, L layers and T positions.  kv is the
+  width of K and V as attention sees them, heads x head size: transformers
+  repeats grouped K/V to every head whenever a padding mask is passed, as the
+  trainer always does; 4 T is the row of the float attention mask that each
+  layer keeps (2 T with 16-bit weights).  The coefficients, "c_h h + c_kv kv +
+  c_f f, c_b h":
 
   ====================  ===============  ===================  ==============
   family, weights       fp32             bf16 autocast        16-bit weights
@@ -55,8 +60,8 @@ processes when this machine has no CUDA device, as distillkit then runs them.
   the distinct tensors that a forward pass saves for backward
   (``torch.autograd.graph.saved_tensors_hooks``) in tiny GPT-2, OPT and Llama
   models built from config with SDPA attention (PyTorch 2.13, transformers 5;
-  exact to 5 B per token and layer); model types other than GPT-2 and OPT use
-  the Llama (gated MLP) row.  Dropout in train mode adds its masks: 2h per
+  exact to 5 B per token and layer; the mask term with padded batches); model
+  types other than GPT-2 and OPT use the Llama (gated MLP) row.  Dropout in train mode adds its masks: 2h per
   layer and h once for residual/embedding dropout (1 B per value on CUDA, the
   activation's bytes on CPU), and on CPU, where attention dropout falls back to
   the math kernel, ``8 heads T`` bytes per token and layer for the attention
@@ -74,7 +79,8 @@ processes when this machine has no CUDA device, as distillkit then runs them.
   ``batch x length x L x 2 kv`` values per sampling model, in its compute
   dtype; MiniLLM's rollouts sample from both models and score each chunk (2
   full and 3 gathered logits copies).  Its rollout buffer keeps the teacher's
-  response logits in CPU RAM (``keep_teacher_logits``).
+  response logits of the process's share of the rollouts in CPU RAM
+  (``keep_teacher_logits``).
 - optimizer step: on CUDA the foreach AdamW makes one temporary of the
   student's (local) parameter size.
 
@@ -255,7 +261,7 @@ def layout_from_config(name_or_path: str) -> Layout:
     processes = int(config.get("num_processes", 1) or 1)
     return Layout(kind if processes > 1 or kind != "ddp" else "single", processes,
                   int(config.get("num_machines", 1) or 1), offload_optimizer, offload_params,
-                  str(config.get("mixed_precision", "no")).lower(), "cpu" if cpu else "cuda", str(path))
+                  str(config.get("mixed_precision", "no")).lower(), "cpu" if cpu else "cuda", _shown(path))
 
 
 def layout_from_environment(environ: dict[str, str] | None = None) -> Layout | None:
@@ -339,6 +345,8 @@ def path_config(spec: ModelConfig, role: str) -> tuple[Any, str]:
         if not (Path(folder) / "config.json").is_file():
             raise DistillkitError(f"the {role} folder {folder} has no config.json")
         return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code), f"{folder}/config.json"
+    if folder.startswith(("/", ".", "~")) or folder.count("/") > 1:  # a local path, not a hub id
+        raise DistillkitError(f"the {role} folder {folder} does not exist; check '{role}.path'")
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=spec.trust_remote_code)
         return config, "Hugging Face cache"
@@ -365,7 +373,8 @@ class ModelShape:
     hidden: int
     ffn: int
     heads: int
-    kv_width: int  # key/value heads x head size
+    kv_width: int  # key/value heads x head size (the KV cache)
+    attention_width: int  # attention heads x head size (K and V as attention sees them)
     vocab: int
     family: str
     dtype_bytes: int
@@ -429,7 +438,8 @@ def shape_of(config: Any, dtype: str, source: str) -> ModelShape:
         config_dtype = getattr(config, "dtype", None)
         dtype = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
     return ModelShape(total, per_layer, layers, hidden, ffn, heads,
-                      (getattr(config, "num_key_value_heads", None) or heads) * head_size, config.vocab_size,
+                      (getattr(config, "num_key_value_heads", None) or heads) * head_size, heads * head_size,
+                      config.vocab_size,
                       _family(config), DTYPE_BYTES.get(dtype, 4), float(residual or 0.0), float(attention),
                       source)
 
@@ -527,7 +537,9 @@ def activation_bytes_per_token(shape: ModelShape, *, trained: bool, precision: s
     (the formula of the module docstring); ``precision`` is "fp32",
     "autocast" or "half"."""
     c_h, c_kv, c_f, c_b = ACTIVATION_COEFFICIENTS[shape.family][trained][precision]
-    layer = c_h * shape.hidden + c_kv * shape.kv_width + c_f * shape.ffn + LAYER_CONSTANT
+    mask_bytes = 2 if precision == "half" else 4
+    layer = c_h * shape.hidden + c_kv * shape.attention_width + c_f * shape.ffn + LAYER_CONSTANT
+    layer += mask_bytes * sequence
     base = c_b * shape.hidden
     if dropout:
         mask = 1 if device == "cuda" else (4 if precision == "fp32" else 2)
@@ -699,7 +711,7 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
         rows.append(adapter.row)
     new_tokens = min(recipe.generation.max_new_tokens or recipe.data.max_length, recipe.data.max_length)
     if method.source == "rollouts" and teacher is not None and getattr(run.options, "keep_teacher_logits", False):
-        size = run.options.rollout_size
+        size = -(-run.options.rollout_size // layout.processes)  # each process collects its share
         rows.append(Row("rollout buffer", "always", 0.0, size * new_tokens * teacher.vocab * teacher.dtype_bytes / MiB,
                         f"teacher logits of {size} rollouts x {new_tokens} tokens x {teacher.vocab:,}"))
 

@@ -91,6 +91,9 @@ def test_dry_run_errors_are_one_line(tmp_path):
     message = result.output.strip()
     assert "no config for the teacher model 'nowhere-org/no-such-model' offline" in message
     assert "recipes/model_configs/nowhere-org--no-such-model.json" in message and "huggingface-cli download" in message
+    recipe.write_text(f'extends = "opt13b_to_1.3b"\n[student]\npath = "{tmp_path}/no/such/folder"\n')
+    result = runner.invoke(app, ["train", "--method", "sft", "--recipe", str(recipe), "--dry-run"])
+    assert result.exit_code == 2 and "no/such/folder does not exist; check 'student.path'" in result.output
     result = runner.invoke(app, ["train", "--method", "kd", "--recipe", "opt13b_to_1.3b", "--dry-run",
                                  "--set", "teacher.placement=shard", "--accelerate-config", "zero2"])
     assert result.exit_code == 2 and "needs an FSDP layout" in result.output
@@ -218,20 +221,28 @@ def test_method_specific_rows():
     kv = [row for row in minillm.rows if row.name == "KV cache"]
     assert [row.note.split(":")[0] for row in kv] == ["student", "teacher"]  # both models sample
     assert _cpu(minillm)["rollout buffer"] == pytest.approx(256 * 512 * 50257 * 2 / 2**20)
+    split = estimate(recipe, "minillm", layout_from_config("fsdp"), shapes=shapes)  # each process collects 1/4
+    assert _cpu(split)["rollout buffer"] == pytest.approx(_cpu(minillm)["rollout buffer"] / 4)
     assert minillm.cpu_ram() > 0
     micro = recipe.training.micro_batch_size
     long = estimate(recipe, "kd", CUDA_BF16, shapes=shapes, sequence_length=512, response_tokens=micro * 512)
     short = estimate(recipe, "kd", CUDA_BF16, shapes=shapes, sequence_length=256, response_tokens=micro * 256)
-    assert _rows(short)["activations"] == pytest.approx(_rows(long)["activations"] / 2)
+    per_token = [activation_bytes_per_token(shapes["student"], trained=True, precision="autocast", dropout=True,
+                                            device="cuda", sequence=t) for t in (256, 512)]
+    assert _rows(short)["activations"] == pytest.approx(micro * 256 * per_token[0] / 2**20)
+    assert _rows(long)["activations"] == pytest.approx(micro * 512 * per_token[1] / 2**20)
 
 
 # --- the activation formula against the tensors saved for backward ------------------------
 
 
 def saved_bytes(model, input_ids, *, autocast: bool, frozen: bool) -> int:
-    """Bytes of the distinct tensors a forward pass saves for backward (parameters and logits excluded)."""
+    """Bytes of the distinct tensors a forward pass on a right-padded batch
+    saves for backward (parameters and logits excluded)."""
     parameters = {p.data_ptr() for p in model.parameters()}
     storages = {}
+    mask = torch.ones_like(input_ids)
+    mask[0, -5:] = 0  # padding, as in every training batch
 
     def pack(tensor):
         if tensor.data_ptr() not in parameters:
@@ -242,9 +253,9 @@ def saved_bytes(model, input_ids, *, autocast: bool, frozen: bool) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if frozen:  # gradient to the input embeddings only (a soft prompt)
                 embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-                out = model(inputs_embeds=embeds)
+                out = model(inputs_embeds=embeds, attention_mask=mask)
             else:
-                out = model(input_ids=input_ids)
+                out = model(input_ids=input_ids, attention_mask=mask)
     storages.pop(out.logits.untyped_storage().data_ptr(), None)
     return sum(storages.values())
 
