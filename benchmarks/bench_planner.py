@@ -139,7 +139,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.prepare)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}  # otherwise as `distillkit train`
     env.setdefault("DISTILLKIT_DATA_DIR", _common.DEFAULT_DATA_DIR)
     records = []
     for case in args.cases.split(","):

@@ -92,10 +92,10 @@ def train(
                                                             "train nothing, load no weights")] = False,
     accelerate_config: Annotated[str | None, typer.Option(
         help="with --dry-run: the layout to plan for, an accelerate config file or a shipped one's name (fsdp, ddp, "
-             "zero2, zero3-offload, ...) [default: the accelerate launch environment, else one device]")] = None,
+             "zero2, zero3-offload, ...); default: the accelerate launch environment, else one device")] = None,
     device_memory: Annotated[float | None, typer.Option(
-        "--device-memory", metavar="GIB", help="with --dry-run: memory per device in GiB [default: the first CUDA "
-                                               "device's free memory, else available CPU RAM]")] = None,
+        "--device-memory", metavar="GIB", help="with --dry-run: memory per device in GiB; default: the first CUDA "
+                                               "device's free memory, else available CPU RAM")] = None,
 ) -> None:
     """Distill (or fine-tune) a student with METHOD on RECIPE."""
     _setup_logging()

@@ -33,7 +33,8 @@ processes when this machine has no CUDA device, as distillkit then runs them.
 - trainable adapter: the soft prompt (m x d, fp32) or LoRA matrices, with
   gradients and AdamW (16 B per value).
 - activations of a micro-batch (``training.micro_batch_size`` sequences of
-  ``data.max_length`` tokens per process) through each model carrying
+  ``data.max_length`` tokens, fewer when a process's 1/N share of
+  ``training.batch_size`` is smaller) through each model carrying
   gradients: the student; the teacher in a stage training its adapter (a soft
   prompt sends gradients through the frozen teacher, m more positions).
   Bytes per token are ``L (c_h h + c_kv kv + c_f f + 32 + 4 T) + c_b h`` for
@@ -716,7 +717,9 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
                         f"teacher logits of {size} rollouts x {new_tokens} tokens x {teacher.vocab:,}"))
 
     # each stage's forward/backward; the largest is shown
-    micro, sequence = run.training.micro_batch_size, sequence_length or recipe.data.max_length
+    # each process takes 1/N of the global batch, in micro-batches of at most micro_batch_size
+    micro = min(run.training.micro_batch_size, -(-run.training.batch_size // layout.processes))
+    sequence = sequence_length or recipe.data.max_length
     response = response_tokens if response_tokens is not None else micro * sequence
     chunk = min(response, DEFAULT_CHUNK_SIZE)
     vocab = max(student.vocab, teacher.vocab if teacher is not None else 0)
@@ -752,15 +755,19 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
         rows.append(Row("optimizer temporaries", OPTIMIZER_STEP, local * student.dtype_bytes / MiB, 0.0,
                         "foreach AdamW, parameter-size"))
     if method.source in SAMPLING_SOURCES:
-        rows.extend(_sampling_rows(recipe, method.source, student, teacher, micro, adapter.positions,
-                                   2 if autocast else student.dtype_bytes, vocab, sequence, new_tokens))
+        rows.extend(_sampling_rows(recipe, method.source, run.options, layout.processes, student, teacher, micro,
+                                   adapter.positions, 2 if autocast else student.dtype_bytes, vocab, sequence,
+                                   new_tokens))
     return plan
 
 
-def _sampling_rows(recipe: Recipe, source: str, student: ModelShape, teacher: ModelShape | None, micro: int,
-                   prefix: int, student_bytes: int, vocab: int, sequence: int, new_tokens: int) -> list[Row]:
+def _sampling_rows(recipe: Recipe, source: str, options: Any, processes: int, student: ModelShape,
+                   teacher: ModelShape | None, micro: int, prefix: int, student_bytes: int, vocab: int, sequence: int,
+                   new_tokens: int) -> list[Row]:
     """KV caches of the sampling models (and MiniLLM's scoring of its rollouts)."""
     batch = recipe.generation.batch_size if source in ("rollouts", "teacher_cache") else micro
+    if source == "rollouts":  # each process samples its share of the rollouts
+        batch = min(batch, -(-getattr(options, "rollout_size", batch) // processes))
     samplers = []
     if source in ("student", "mixture", "rollouts"):
         samplers.append(("student", student, student_bytes, 0))

@@ -233,6 +233,17 @@ def test_method_specific_rows():
     assert _rows(long)["activations"] == pytest.approx(micro * 512 * per_token[1] / 2**20)
 
 
+def test_each_process_takes_its_share_of_the_batch():
+    from distillkit.pipeline import recipe_tokenizer
+
+    recipe = load_recipe("tiny")  # batch_size = micro_batch_size = 16
+    shapes = {"student": model_shape(recipe, "student", recipe_tokenizer(recipe)[0])}
+    one = estimate(recipe, "sft", Layout(), shapes=shapes)
+    two = estimate(recipe, "sft", Layout("ddp", 2), shapes=shapes)  # 8 examples per process and step
+    assert _rows(two)["activations"] == pytest.approx(_rows(one)["activations"] / 2)
+    assert two.needed() == pytest.approx(2 * two.total("device"))  # CPU processes share the machine's RAM
+
+
 # --- the activation formula against the tensors saved for backward ------------------------
 
 
