@@ -62,11 +62,11 @@ processes when this machine has no CUDA device, as distillkit then runs them.
   (``torch.autograd.graph.saved_tensors_hooks``) in tiny GPT-2, OPT and Llama
   models built from config with SDPA attention (PyTorch 2.13, transformers 5;
   exact to 5 B per token and layer; the mask term with padded batches); model
-  types other than GPT-2 and OPT use the Llama (gated MLP) row.  Dropout in train mode adds its masks: 2h per
-  layer and h once for residual/embedding dropout (1 B per value on CUDA, the
-  activation's bytes on CPU), and on CPU, where attention dropout falls back to
-  the math kernel, ``8 heads T`` bytes per token and layer for the attention
-  probabilities and mask.
+  types other than GPT-2 and OPT use the Llama (gated MLP) row.  Dropout in
+  train mode adds its masks: 2h per layer and h once for residual/embedding
+  dropout (1 B per value on CUDA, the activation's bytes on CPU), and on CPU,
+  where attention dropout falls back to the math kernel, ``8 heads T`` bytes
+  per token and layer for the attention probabilities and mask.
 - logits: (B, T, V) fp32 copies, response-position rows (N, V) and the chunked
   loss's rows (``min(N, 1024)``, V), counted at a stage's peak as measured
   with the PyTorch profiler on the tiny recipe: 2 full copies for a teacher-free
@@ -108,7 +108,6 @@ from distillkit.errors import DistillkitError
 from distillkit.registry import did_you_mean, registry
 
 MiB = 2**20
-GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAMPLING_SOURCES = {"student", "teacher", "mixture", "rollouts", "teacher_cache"}
 INPUT_GRAD_ADAPTERS = {"soft_prompt"}  # gradients reach the teacher's inputs, not its weights
@@ -131,9 +130,10 @@ ACTIVATION_COEFFICIENTS: dict[str, dict[bool, dict[str, tuple[int, int, int, int
 
 @dataclass(frozen=True)
 class Layout:
-    """How training is spread: ``kind`` (single, ddp, fsdp, zero1/2/3),
-    ``processes`` in all over ``machines``, what is offloaded to CPU RAM, the
-    device type and the configured mixed precision ("no", "bf16", "fp16")."""
+    """How training is spread: ``kind`` (single, ddp, fsdp (full shard),
+    fsdp_grad_op (SHARD_GRAD_OP), zero1/2/3), ``processes`` in all over
+    ``machines``, what is offloaded to CPU RAM, the device type and the
+    configured mixed precision ("no", "bf16", "fp16")."""
 
     kind: Literal["single", "ddp", "fsdp", "fsdp_grad_op", "zero1", "zero2", "zero3"] = "single"
     processes: int = 1
