@@ -83,7 +83,7 @@ processes when this machine has no CUDA device, as distillkit then runs them.
   response logits of the process's share of the rollouts in CPU RAM
   (``keep_teacher_logits``).
 - optimizer step: on CUDA the foreach AdamW makes one temporary of the
-  student's (local) parameter size.
+  student's (local) parameters, in fp32 for DeepSpeed's master copy.
 
 The peak is the rows held throughout (weights, AdamW, adapter, buffer) plus
 the largest phase: sampling, a stage's forward/backward (with its gradients),
@@ -751,8 +751,9 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     rows.extend(stage_rows)
     if layout.device == "cuda" and not layout.offload_optimizer:  # foreach AdamW: a parameter-size temporary
         local = student.parameters / (layout.processes if layout.shards_optimizer else 1)
+        master_bytes = 4 if layout.deepspeed and autocast else student.dtype_bytes  # DeepSpeed steps fp32 masters
         rows.append(dataclasses.replace(gradients, when=OPTIMIZER_STEP))
-        rows.append(Row("optimizer temporaries", OPTIMIZER_STEP, local * student.dtype_bytes / MiB, 0.0,
+        rows.append(Row("optimizer temporaries", OPTIMIZER_STEP, local * master_bytes / MiB, 0.0,
                         "foreach AdamW, parameter-size"))
     if method.source in SAMPLING_SOURCES:
         rows.extend(_sampling_rows(recipe, method.source, run.options, layout.processes, student, teacher, micro,
