@@ -816,7 +816,8 @@ def _shown(path: Path) -> str:
 
 def suggestions(recipe: Recipe, plan: Plan, available: float) -> tuple[list[str], list[str]]:
     """(changes that fit, changes tried): a sharded teacher, the shipped FSDP
-    and ZeRO-3-offload configs, an offloaded teacher."""
+    config, an offloaded teacher (not the DeepSpeed configs: the trainer does
+    not run under DeepSpeed yet)."""
     shapes = {"student": plan.student, **({"teacher": plan.teacher} if plan.teacher is not None else {})}
 
     def placed(placement: str) -> Recipe:
@@ -827,7 +828,7 @@ def suggestions(recipe: Recipe, plan: Plan, available: float) -> tuple[list[str]
     if replicated and plan.layout.kind.startswith("fsdp"):
         candidates.append(('teacher.placement = "shard"', placed("shard"), plan.layout))
     shipped = accelerate_config_files()
-    for name in ("fsdp", "zero3-offload"):
+    for name in ("fsdp",):
         if name not in shipped:
             continue
         layout = layout_from_config(str(shipped[name]))
@@ -888,6 +889,9 @@ def print_plan(plan: Plan, recipe: Recipe, console: Any, *, device_memory_gib: f
     unit = "per machine" if plan.layout.device == "cpu" else "per device"
     console.print(f"[bold]{'[green]' if fits else '[red]'}{text}[/][/] ({what}; {unit})", highlight=False,
                   soft_wrap=True)
+    if plan.layout.deepspeed:
+        console.print("[yellow]DeepSpeed: a plan only; distillkit's trainer does not run under DeepSpeed yet "
+                      "(use an FSDP config such as recipes/accelerate/fsdp.yaml)[/]", highlight=False, soft_wrap=True)
     if plan.cpu_ram():
         console.print(f"CPU RAM for offloaded state: {plan.cpu_ram() / 1024:.1f} GiB per machine "
                       f"({plan.layout.per_machine} processes)", highlight=False, soft_wrap=True)
