@@ -135,3 +135,23 @@ def test_max_length_caps_each_row_by_its_own_prompt(tokenizer):
     together = draw([short, long], [1, 2])
     assert [len(r) for r in together] == [len(long) + 6 - len(short), 6]
     assert draw([short], [1]) == together[:1] and draw([long], [2]) == together[1:]
+
+
+def test_processes_kept_in_step_run_extra_passes_without_changing_samples(tokenizer):
+    """With a sharded model every process runs forward passes until all are done
+    (``keep_going``); a process already finished must still return its own samples."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=44)  # 40 + 20 extra passes would overflow it
+    prompts = _prompts(tokenizer)[1:]
+    settings = SamplingSettings(max_new_tokens=0)
+    extra = []
+
+    def other_process_still_sampling(unfinished: bool) -> bool:
+        extra.append(not unfinished)
+        return unfinished or sum(extra) <= 20  # 20 more passes after this process is done
+
+    def draw(**kwargs):
+        return sample(model, prompts, settings, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), row_keys=[5, 6], max_length=40, **kwargs)
+
+    assert draw(keep_going=other_process_still_sampling) == draw()
+    assert sum(extra) == 21
