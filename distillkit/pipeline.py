@@ -41,7 +41,7 @@ from distillkit.models import (
     train_bpe_tokenizer,
 )
 from distillkit.registry import registry
-from distillkit.trainer import Trainer, cpu_processes
+from distillkit.trainer import Trainer, check_launch_layout, cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def train(
 ) -> Path:
     """``distillkit train``: returns the best student checkpoint folder."""
     console = console or Console(stderr=True)
+    check_launch_layout()
     method = registry().methods[method_name]
     recipe = load_recipe(recipe_name, overrides)
     config = resolve_run(recipe, method_name)

@@ -816,8 +816,7 @@ def _shown(path: Path) -> str:
 
 def suggestions(recipe: Recipe, plan: Plan, available: float) -> tuple[list[str], list[str]]:
     """(changes that fit, changes tried): a sharded teacher, the shipped FSDP
-    config, an offloaded teacher (not the DeepSpeed configs: the trainer does
-    not run under DeepSpeed yet)."""
+    config, an offloaded teacher (not ZeRO-3: the trainer does not run it yet)."""
     shapes = {"student": plan.student, **({"teacher": plan.teacher} if plan.teacher is not None else {})}
 
     def placed(placement: str) -> Recipe:
@@ -889,9 +888,9 @@ def print_plan(plan: Plan, recipe: Recipe, console: Any, *, device_memory_gib: f
     unit = "per machine" if plan.layout.device == "cpu" else "per device"
     console.print(f"[bold]{'[green]' if fits else '[red]'}{text}[/][/] ({what}; {unit})", highlight=False,
                   soft_wrap=True)
-    if plan.layout.deepspeed:
-        console.print("[yellow]DeepSpeed: a plan only; distillkit's trainer does not run under DeepSpeed yet "
-                      "(use an FSDP config such as recipes/accelerate/fsdp.yaml)[/]", highlight=False, soft_wrap=True)
+    if plan.layout.kind == "zero3":
+        console.print("[yellow]DeepSpeed ZeRO-3: a plan only; distillkit's trainer does not run under ZeRO-3 yet "
+                      "(use ZeRO-2 or FSDP, e.g. recipes/accelerate/fsdp.yaml)[/]", highlight=False, soft_wrap=True)
     if plan.cpu_ram():
         console.print(f"CPU RAM for offloaded state: {plan.cpu_ram() / 1024:.1f} GiB per machine "
                       f"({plan.layout.per_machine} processes)", highlight=False, soft_wrap=True)

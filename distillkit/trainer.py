@@ -1,5 +1,5 @@
-"""The one training loop, on ``accelerate`` (CPU, one GPU, DDP and FSDP
-through ``accelerate launch``; DeepSpeed is not wired in yet).
+"""The one training loop, on ``accelerate`` (CPU, one GPU, DDP, FSDP and
+DeepSpeed ZeRO-1/2 through ``accelerate launch``).
 
 Per optimizer step k: draw ``batch_size`` examples (the global batch; with
 N processes each takes a contiguous 1/N of it), let the method's source turn
@@ -70,6 +70,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def check_launch_layout() -> None:
+    """Refuse, before any model is loaded, a layout the trainer cannot run."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3: transformers then loads every model partitioned (zero.Init), and distillkit's frozen "
+            "teacher and vocabulary checks need whole weights; use ZeRO-2 (recipes/accelerate/zero2.yaml) or FSDP "
+            "(recipes/accelerate/fsdp.yaml, which can also shard the teacher)")
+
+
 def cpu_processes() -> bool:
     """True when several processes start on a machine without CUDA (e.g.
     ``accelerate launch --multi_gpu --num_processes 2`` on CPU): accelerate
@@ -134,11 +144,8 @@ class Trainer:
                 f"{processes} process(es) x training.micro_batch_size ({self.training.micro_batch_size}); "
                 "change one of them with --set"
             )
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError(
-                "DeepSpeed: distillkit accumulates micro-batches itself and may step two optimizers per step "
-                "(student and teacher adapter); DeepSpeed's engine-managed accumulation is not wired in yet. "
-                "Use an FSDP config (recipes/accelerate/fsdp.yaml) for sharded training")
+        if self.deepspeed:
+            self._configure_deepspeed(processes)
         set_seed(self.training.seed)
         self.state = TrainerState()
         self.steps_per_epoch = math.ceil(len(train_examples) / self.training.batch_size)
@@ -166,9 +173,24 @@ class Trainer:
     # --- setup -------------------------------------------------------------
 
     @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
     def sharded(self) -> bool:
-        """Whether models are split over the processes (every forward pass is collective)."""
+        """Whether the student's weights are split over the processes (FSDP):
+        every forward pass is then collective."""
         return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _configure_deepspeed(self, processes: int) -> None:
+        """DeepSpeed's engine owns the student's accumulation, clipping and
+        step: tell it the per-process micro-batch, how many of them make one
+        optimizer step and the recipe's clipping norm."""
+        micro_batches = self.training.batch_size // (processes * self.training.micro_batch_size)
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(train_micro_batch_size_per_gpu=self.training.micro_batch_size,
+                      gradient_accumulation_steps=micro_batches, gradient_clipping=self.training.max_grad_norm)
+
 
     def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         """The frozen teacher on this process per ``teacher.placement``:
@@ -177,7 +199,7 @@ class Trainer:
         teacher.requires_grad_(False)
         placement, device = self.config.recipe.teacher.placement, self.accelerator.device
         if placement == "shard":
-            if not self.sharded:
+            if self.accelerator.distributed_type != DistributedType.FSDP:
                 raise DistillkitError(
                     "teacher.placement = 'shard' needs an FSDP accelerate config (accelerate launch --config_file "
                     "recipes/accelerate/fsdp.yaml ...); with this layout use 'replicate' or 'offload'")
@@ -207,11 +229,16 @@ class Trainer:
                                       num_warmup_steps=self.training.warmup_steps,
                                       num_training_steps=self.run.total_steps)
             self.optimizers[group], self.schedulers[group] = optimizer, scheduler
-        prepared = self.accelerator.prepare(student, *self.optimizers.values(), *self.schedulers.values())
+        # DeepSpeed builds one engine from the student and its optimizer; other groups stay plain torch
+        prepared_groups = ["student"] if self.deepspeed else groups
+        prepared = self.accelerator.prepare(student, *(self.optimizers[g] for g in prepared_groups),
+                                            *(self.schedulers[g] for g in prepared_groups))
         self.run.student = prepared[0]
-        self.optimizers = dict(zip(groups, prepared[1 : 1 + len(groups)]))
-        self.schedulers = dict(zip(groups, prepared[1 + len(groups) :]))
-        extra_modules = getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
+        self.optimizers.update(zip(prepared_groups, prepared[1 : 1 + len(prepared_groups)]))
+        self.schedulers.update(zip(prepared_groups, prepared[1 + len(prepared_groups) :]))
+        extra_modules = [item for g in groups if g not in prepared_groups
+                         for item in (self.optimizers[g], self.schedulers[g])]
+        extra_modules += getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
         if hasattr(self.source, "state_dict"):
             extra_modules = [*extra_modules, self.source]
         for module in extra_modules:
@@ -316,6 +343,7 @@ class Trainer:
         logs: dict[str, float] = {}
         for stage in self.method.stages:
             self.run.student.train(stage.dropout)
+            engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine accumulates and steps
             for index, batch in enumerate(batches):
                 weight = batch.num_response_tokens / max(global_tokens, 1)
                 last = index == len(batches) - 1
@@ -323,7 +351,14 @@ class Trainer:
                 with sync:
                     terms = stage.loss(self.run, batch)
                     # gradients are averaged over processes, so scale by N to get the global token average
-                    self.accelerator.backward(terms["loss"] * (weight * processes))
+                    loss = terms["loss"] * (weight * processes)
+                    if engine:  # it steps after the last micro-batch and divides losses by its accumulation steps
+                        self.accelerator.gradient_state._set_sync_gradients(last)
+                        self.accelerator.backward(loss * self.run.student.gradient_accumulation_steps())
+                    elif self.deepspeed:
+                        loss.backward()  # a plain torch group: not through the student's engine
+                    else:
+                        self.accelerator.backward(loss)
                 for name, value in terms.items():
                     key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
                     terms_by_key[key] = terms_by_key.get(key, 0.0) + float(value.detach()) * weight
@@ -331,10 +366,13 @@ class Trainer:
             if stage.trains != "student" and processes > 1:
                 for param in self._parameters(stage.trains):  # not DDP-wrapped: average by hand
                     param.grad = self.accelerator.reduce(param.grad, "mean")
-            if self.training.max_grad_norm > 0:
-                norm = self.accelerator.clip_grad_norm_(self._parameters(stage.trains), self.training.max_grad_norm)
+            if engine:
+                logs["grad_norm/student"] = float(self.run.student.get_global_grad_norm() or 0.0)
+            elif self.training.max_grad_norm > 0:
+                clip = torch.nn.utils.clip_grad_norm_ if self.deepspeed else self.accelerator.clip_grad_norm_
+                norm = clip(self._parameters(stage.trains), self.training.max_grad_norm)
                 logs[f"grad_norm/{stage.trains}"] = float(norm)
-            optimizer.step()
+            optimizer.step()  # under DeepSpeed the student's optimizer and scheduler steps are no-ops
             self.schedulers[stage.trains].step()
             optimizer.zero_grad(set_to_none=True)
             logs[f"lr/{stage.trains}"] = self.schedulers[stage.trains].get_last_lr()[0]

@@ -21,16 +21,31 @@ NO_DROPOUT = [f"{role}.config.{name}=0.0" for role in ("teacher", "student")
 STEPS = 3
 
 
-def _train(recipe: Path, method: str, output: Path, *, processes: int) -> None:
-    """``distillkit train`` in a fresh interpreter, under ``accelerate launch`` for 2 processes.
-    The global batch of 8 is split into other micro-batches in each layout (1 x [4, 4] vs
-    2 x [2, 2]), and samples fill up to ``data.max_length`` (each row's limit binds)."""
-    settings = [*NO_DROPOUT, f"training.micro_batch_size={4 // processes}", "generation.max_new_tokens=0"]
+DEEPSPEED_ZERO2_ONE_PROCESS = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: 1
+mixed_precision: 'no'
+deepspeed_config:
+  zero_stage: 2
+  offload_optimizer_device: none
+  offload_param_device: none
+"""
+
+
+def _train(recipe: Path, method: str, output: Path, *, processes: int, micro_batch_size: int = 0,
+           launch_config: Path = TWO_CPU_PROCESSES) -> None:
+    """``distillkit train`` in a fresh interpreter, under ``accelerate launch`` for 2 processes
+    (or a given ``launch_config``).  The global batch of 8 is split into other micro-batches in
+    each layout (1 x [4, 4] vs 2 x [2, 2]), and samples fill up to ``data.max_length`` (each row's
+    limit binds)."""
+    micro_batch_size = micro_batch_size or 4 // processes
+    settings = [*NO_DROPOUT, f"training.micro_batch_size={micro_batch_size}", "generation.max_new_tokens=0"]
     overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = ["-m", "distillkit", "train", "--method", method, "--recipe", str(recipe), "--output", str(output),
                "--max-steps", str(STEPS), *overrides]
-    if processes > 1:
-        command = ["-m", "accelerate.commands.launch", "--config_file", str(TWO_CPU_PROCESSES),
+    if processes > 1 or launch_config != TWO_CPU_PROCESSES:
+        command = ["-m", "accelerate.commands.launch", "--config_file", str(launch_config),
                    "--num_processes", str(processes), "--main_process_port", "0", *command]
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,6 +88,26 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
     assert len(validations[0]) == len(validations[1]) == 1
     for key in ("val/rougeL", "val/loss"):
         assert validations[0][0][key] == pytest.approx(validations[1][0][key], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kd", "promptkd"])
+def test_deepspeed_zero2_accumulates_like_distillkit(method, recipe_file, tmp_path):
+    """Under DeepSpeed the engine accumulates the student's micro-batches, clips and steps
+    (PromptKD's soft prompt keeps a plain torch optimizer): 4 micro-batches of 2 in a ZeRO-2
+    engine give the parameters of distillkit's own loop over 2 micro-batches of 4.  Needs the
+    deepspeed package, which CI does not install (it runs on CPU with DS_ACCELERATOR=cpu)."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "zero2.yaml"
+    config.write_text(DEEPSPEED_ZERO2_ONE_PROCESS)
+    recipe = recipe_file(steps=STEPS, eval_every=STEPS)
+    _train(recipe, method, tmp_path / "plain", processes=1)
+    _train(recipe, method, tmp_path / "zero2", processes=1, micro_batch_size=2, launch_config=config)
+    files = ["best/model.safetensors"] + (["best/teacher_adapter/soft_prompt.safetensors"] if method == "promptkd"
+                                          else [])
+    for name in files:
+        plain, engine = _weights(tmp_path / "plain", name), _weights(tmp_path / "zero2", name)
+        for key in plain:  # the engine's state dict also names the tied output matrix
+            torch.testing.assert_close(engine[key], plain[key], rtol=1e-4, atol=1e-4, msg=f"{name}: {key}")
 
 
 def test_global_batch_must_split_evenly_over_processes(recipe_file, tmp_path):
