@@ -508,7 +508,8 @@ class Trainer:
     def _save_best(self, metrics: dict[str, float]) -> None:
         """The student (full weights, gathered from every process when it is
         sharded), the teacher adapter and the metrics, into ``best``."""
-        state = self.accelerator.get_state_dict(self.run.student)  # collective under FSDP
+        # gathered (collectively) only when sharded: a copied state dict would store tied weights twice
+        state = self.accelerator.get_state_dict(self.run.student) if self.sharded else None
         if not self.accelerator.is_main_process:
             return
 
