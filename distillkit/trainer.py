@@ -332,6 +332,19 @@ class Trainer:
         """``flag`` or-ed over all processes."""
         return self._global_sum([float(flag)])[0] > 0
 
+    def _backward(self, loss: torch.Tensor, group: str, *, last: bool) -> None:
+        """Backward of one micro-batch's weighted loss.  Under DeepSpeed the
+        student's engine accumulates: it steps after the ``last`` micro-batch
+        and divides every loss by its accumulation steps; other parameter
+        groups there are plain torch."""
+        if not self.deepspeed:
+            self.accelerator.backward(loss)
+        elif group == "student":
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            self.accelerator.backward(loss * self.run.student.gradient_accumulation_steps())
+        else:
+            loss.backward()
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step of every stage; returns logged values (averages
         over the global batch's response tokens)."""
@@ -343,7 +356,7 @@ class Trainer:
         logs: dict[str, float] = {}
         for stage in self.method.stages:
             self.run.student.train(stage.dropout)
-            engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine accumulates and steps
+            engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine clips and steps
             for index, batch in enumerate(batches):
                 weight = batch.num_response_tokens / max(global_tokens, 1)
                 last = index == len(batches) - 1
@@ -351,14 +364,7 @@ class Trainer:
                 with sync:
                     terms = stage.loss(self.run, batch)
                     # gradients are averaged over processes, so scale by N to get the global token average
-                    loss = terms["loss"] * (weight * processes)
-                    if engine:  # it steps after the last micro-batch and divides losses by its accumulation steps
-                        self.accelerator.gradient_state._set_sync_gradients(last)
-                        self.accelerator.backward(loss * self.run.student.gradient_accumulation_steps())
-                    elif self.deepspeed:
-                        loss.backward()  # a plain torch group: not through the student's engine
-                    else:
-                        self.accelerator.backward(loss)
+                    self._backward(terms["loss"] * (weight * processes), stage.trains, last=last)
                 for name, value in terms.items():
                     key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
                     terms_by_key[key] = terms_by_key.get(key, 0.0) + float(value.detach()) * weight
