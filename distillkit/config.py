@@ -206,13 +206,19 @@ def to_dict(obj: Any) -> dict[str, Any]:
 # --- recipe files ------------------------------------------------------------
 
 
-def recipe_files() -> dict[str, Path]:
-    """Shipped and plugin-provided recipes, by name (later folders win)."""
+def recipe_dir_files(pattern: str) -> dict[str, Path]:
+    """Files matching ``pattern`` (e.g. ``accelerate/*.yaml``) in the shipped
+    and plugin-provided recipe folders, by stem (later folders win)."""
     found: dict[str, Path] = {}
     for folder in registry().recipe_dirs:
-        for path in sorted(Path(folder).glob("*.toml")):
+        for path in sorted(Path(folder).glob(pattern)):
             found[path.stem] = path
     return found
+
+
+def recipe_files() -> dict[str, Path]:
+    """Shipped and plugin-provided recipes, by name (later folders win)."""
+    return recipe_dir_files("*.toml")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -103,7 +103,7 @@ from typing import Any, Literal
 
 import torch
 
-from distillkit.config import ModelConfig, Recipe, load_recipe, resolve_run
+from distillkit.config import ModelConfig, Recipe, load_recipe, recipe_dir_files, resolve_run
 from distillkit.errors import DistillkitError
 from distillkit.registry import did_you_mean, registry
 
@@ -206,11 +206,7 @@ def _zero_kind(stage: Any) -> str:
 
 def accelerate_config_files() -> dict[str, Path]:
     """The ``accelerate/*.yaml`` launch configs of the registered recipe folders, by name."""
-    found: dict[str, Path] = {}
-    for folder in registry().recipe_dirs:
-        for path in sorted(Path(folder, "accelerate").glob("*.yaml")):
-            found[path.stem] = path
-    return found
+    return recipe_dir_files("accelerate/*.yaml")
 
 
 def find_accelerate_config(name_or_path: str) -> Path:
@@ -354,10 +350,9 @@ def path_config(spec: ModelConfig, role: str) -> tuple[Any, str]:
     except (OSError, ValueError):
         pass
     name = snapshot_name(folder)
-    for recipe_dir in reversed(registry().recipe_dirs):  # later folders (plugins) win, as for recipes
-        snapshot = Path(recipe_dir) / "model_configs" / name
-        if snapshot.is_file():
-            return _config_from_dict(json.loads(snapshot.read_text()), str(snapshot)), f"model_configs/{name}"
+    snapshot = recipe_dir_files("model_configs/*.json").get(name.removesuffix(".json"))
+    if snapshot is not None:
+        return _config_from_dict(json.loads(snapshot.read_text()), str(snapshot)), f"model_configs/{name}"
     raise DistillkitError(f"no config for the {role} model '{spec.path}' offline: add its config.json as "
                           f"recipes/model_configs/{name} (or in a plugin's recipe folder), or download it with "
                           f"`huggingface-cli download {spec.path} config.json`")

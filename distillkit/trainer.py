@@ -72,8 +72,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def check_launch_layout() -> None:
     """Refuse, before any model is loaded, a layout the trainer cannot run."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    from distillkit.planning import layout_from_environment
+
+    layout = layout_from_environment()
+    if layout is not None and layout.kind == "zero3":
         raise NotImplementedError(
             "DeepSpeed ZeRO-3: transformers then loads every model partitioned (zero.Init), and distillkit's frozen "
             "teacher and vocabulary checks need whole weights; use ZeRO-2 (recipes/accelerate/zero2.yaml) or FSDP "
