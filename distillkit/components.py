@@ -36,12 +36,17 @@ class Stage:
     tensors whose ``"loss"`` entry is back-propagated (a mean over the
     micro-batch's response tokens); the other entries are logged.
     ``dropout`` puts the student in train mode for the stage (False: eval
-    mode, as MiniLLM's update does).
+    mode, as MiniLLM's update does); a callable receives the method's options
+    and returns that choice (a method option, e.g. GKD's ``student_dropout``).
     """
 
     trains: str
     loss: Callable[[Run, TrainBatch], dict[str, torch.Tensor]]
-    dropout: bool = True
+    dropout: bool | Callable[[Any], bool] = True
+
+    def student_train_mode(self, options: Any) -> bool:
+        """Whether the student runs in train mode (dropout on) in this stage."""
+        return self.dropout(options) if callable(self.dropout) else self.dropout
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class Divergence:
 class Schedule:
     """A coefficient schedule ``value(k, K, **params) -> float``.
 
-    ``k`` is the number of optimizer steps done (0-based), ``K`` the total.
+    ``k`` is the optimizer step being taken, 1..K (the algorithm boxes'
+    count), ``K`` the total; ``value(0, K)`` is the value before training.
     """
 
     name: str

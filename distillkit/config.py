@@ -121,11 +121,17 @@ class GenerationConfig:
 
 @dataclass
 class EvalConfig:
-    """Final evaluation protocol (ROUGE-L over seeds, as in the paper)."""
+    """Final evaluation protocol (ROUGE-L over seeds, as in the paper).
+
+    ``max_new_tokens`` caps evaluation and validation responses; unset, it is
+    ``[generation]``'s (the cap of training samples).  The paper recipes set
+    it to 0 (up to ``data.max_length`` in total, as the references evaluate)
+    while their training samples stop at 256 new tokens."""
 
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     no_repeat_ngram_size: int = 6
     limit: int = 0
+    max_new_tokens: int | None = None
 
 
 @dataclass

@@ -183,7 +183,8 @@ def eval_setup(model: torch.nn.Module, recipe: dict[str, Any], batch_size: int,
         notice(f"note: the model takes {positions} positions; max_length {max_length} -> {positions}")
         max_prompt_length, max_length = min(max_prompt_length, positions // 2), positions
     return EvalSetup(max_prompt_length, max_length,
-                     settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
+                     settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
+                                   max_new_tokens=eval_cfg.max_new_tokens),
                      batch_size or generation.batch_size)
 
 

@@ -724,8 +724,8 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
                                                         method.source == "rollouts")
         if stage.trains == "student":
             per_token = activation_bytes_per_token(
-                student, trained=True, precision=_activation_precision(student, autocast), dropout=stage.dropout,
-                device=layout.device, sequence=sequence)
+                student, trained=True, precision=_activation_precision(student, autocast),
+                dropout=stage.student_train_mode(run.options), device=layout.device, sequence=sequence)
             batches = f"{graphs} batches x " if graphs > 1 else ""
             stage_rows = [dataclasses.replace(gradients, when=FORWARD_BACKWARD),
                           Row("activations", FORWARD_BACKWARD, graphs * micro * sequence * per_token / MiB, 0.0,

@@ -16,7 +16,7 @@ from distillkit.components import TeacherAdapter
 from distillkit.config import RunConfig
 from distillkit.divergences import masked_cross_entropy, masked_divergence
 from distillkit.registry import registry
-from distillkit.sampling import sample, settings_from
+from distillkit.sampling import CappedEnding, sample, settings_from
 
 
 @dataclass
@@ -31,7 +31,9 @@ class Run:
     ``process_index`` / ``num_processes`` place this process in a
     multi-process run (sources that collect data themselves take their
     share); ``keep_going`` is the sampler's cross-process "unfinished"
-    reduction when a model is sharded (see :func:`distillkit.sampling.sample`).
+    reduction when a model is sharded (see :func:`distillkit.sampling.sample`);
+    ``global_sum`` sums a tensor over the processes (every process must call
+    it the same number of times, e.g. once per micro-batch).
     """
 
     config: RunConfig
@@ -46,6 +48,7 @@ class Run:
     process_index: int = 0
     num_processes: int = 1
     keep_going: Callable[[bool], bool] = bool
+    global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
 
     @property
     def options(self) -> Any:
@@ -85,12 +88,13 @@ class Run:
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
         key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None, mix_weight: float = 0.0,
+        capped_ending: CappedEnding = "open",
     ) -> list[list[int]]:
         """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
         see :func:`distillkit.sampling.sample`) with the recipe's
         ``[generation]`` settings, each capped so that its prompt + response
         fits in ``data.max_length`` minus the positions the teacher adapter
-        prepends.
+        prepends; ``capped_ending`` as in :func:`distillkit.sampling.sample`.
 
         Each row's randomness is keyed by ``key`` (default: the training seed
         and the step k) and its prompt, so a prompt gets the same sample
@@ -105,11 +109,15 @@ class Run:
                            eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
                            prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight,
-                           keep_going=self.keep_going)
+                           keep_going=self.keep_going, capped_ending=capped_ending)
         self.generated_tokens += sum(len(r) for r in responses)
         return responses
 
     def schedule(self, name: str, **params: float) -> float:
-        """Registered schedule ``name`` evaluated at the current (k, K)."""
+        """Registered schedule ``name`` at the step being taken, k = 1..K
+        (``step + 1``), as the algorithm boxes count: PromptKD's
+        c_k = 1 - k/K is 1 - 1/K at the first step and 0 at the last
+        (gmkim-ai/PromptKD ``train_promptkd.py``: ``base_ratio = global_step /
+        total_iters`` with ``global_step`` starting at 1)."""
         schedule = registry().schedules[name]
-        return schedule.value(self.step, self.total_steps, **{**schedule.params, **params})
+        return schedule.value(self.step + 1, self.total_steps, **{**schedule.params, **params})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.generation.logits_process import (
@@ -30,6 +30,8 @@ from transformers.generation.logits_process import (
 )
 
 from distillkit.batch import left_pad
+
+CappedEnding = Literal["open", "eos"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,11 @@ class SamplingSettings:
         return processors
 
 
-def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0) -> SamplingSettings:
-    """Sampling settings of a recipe's ``[generation]`` section."""
-    return SamplingSettings(generation.max_new_tokens, generation.temperature, generation.top_k, generation.top_p,
-                            no_repeat_ngram_size)
+def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0, max_new_tokens: int | None = None) -> SamplingSettings:
+    """Sampling settings of a recipe's ``[generation]`` section;
+    ``max_new_tokens`` (if not None) replaces its cap, e.g. ``[eval]``'s."""
+    cap = generation.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return SamplingSettings(cap, generation.temperature, generation.top_k, generation.top_p, no_repeat_ngram_size)
 
 
 def _signed(value: int) -> int:
@@ -177,6 +180,7 @@ def sample(
     mix_weight: float = 0.0,
     keep_going: Callable[[bool], bool] = bool,
     max_length: int = 0,
+    capped_ending: CappedEnding = "open",
 ) -> list[list[int]]:
     """Sample one response per prompt.
 
@@ -194,6 +198,11 @@ def sample(
     this process's "some row is unfinished" over the processes that share a
     sharded model (FSDP / ZeRO-3), which must all run the same number of
     forward passes; the default, ``bool``, stops when this process is done.
+    ``capped_ending`` is what a response cut at its length limit ends with:
+    ``"open"`` leaves it as sampled, ``"eos"`` replaces its last token by
+    EOS (PromptKD's ``response_ids[:, -1] = pad_token_id`` with pad = EOS,
+    gmkim-ai/PromptKD ``train_promptkd.py`` ``finetune``), so that every
+    sample teaches the model to stop.
     """
     models = [m for m in (model, mix_model) if m is not None]
     modes = [m.training for m in models]
@@ -238,5 +247,14 @@ def sample(
     responses = []
     for row, limit in zip(generated[:, input_ids.shape[1] :].tolist(), budget.tolist()):
         end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        responses.append(row[: min(end, limit)])
+        response = row[: min(end, limit)]
+        responses.append(ended_with_eos(response, eos_token_id) if capped_ending == "eos" else response)
     return responses
+
+
+def ended_with_eos(response: list[int], eos_token_id: int) -> list[int]:
+    """``response`` with its last token replaced by EOS unless it already
+    ends with one (a response cut at its length limit; empty stays empty)."""
+    if not response or response[-1] == eos_token_id:
+        return response
+    return [*response[:-1], eos_token_id]

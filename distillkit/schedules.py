@@ -1,5 +1,5 @@
-"""Coefficient schedules: ``value(k, K, **params)`` with k the optimizer steps
-done (0-based) and K the total optimizer steps of the run."""
+"""Coefficient schedules: ``value(k, K, **params)`` with k the optimizer step
+being taken (1..K; 0 is before training) and K the total optimizer steps."""
 
 from __future__ import annotations
 

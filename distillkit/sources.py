@@ -7,10 +7,11 @@ and keep their first EOS.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -18,9 +19,11 @@ from distillkit import hookimpl
 from distillkit.batch import ExampleBatch, RolloutBatch, TrainBatch, collate
 from distillkit.cache import cache_root, fingerprint, write_json_atomic
 from distillkit.components import PseudoTargetSource, SourceFactory
+from distillkit.data import tokenize
 from distillkit.divergences import masked_token_logprobs
 from distillkit.errors import DistillkitError
 from distillkit.run import Run
+from distillkit.sampling import CappedEnding, ended_with_eos
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +42,56 @@ def dataset_responses(run: Run) -> PseudoTargetSource:
     return make_batch
 
 
-def student_samples(run: Run) -> PseudoTargetSource:
-    """``[x ‖ y]`` with y ~ q_theta(.|x) sampled from the current student."""
+def student_samples(run: Run, *, capped_ending: CappedEnding = "open") -> PseudoTargetSource:
+    """``[x ‖ y]`` with y ~ q_theta(.|x) sampled from the current student;
+    ``capped_ending``: see :func:`distillkit.sampling.sample`."""
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         prompts = _prompts(examples)
-        return collate(prompts, run.sample(run.student, prompts), run.tokenizer.pad_token_id)
+        responses = run.sample(run.student, prompts, capped_ending=capped_ending)
+        return collate(prompts, responses, run.tokenizer.pad_token_id)
 
     return make_batch
 
 
-def teacher_samples(run: Run) -> PseudoTargetSource:
+def teacher_samples(run: Run, *, capped_ending: CappedEnding = "open") -> PseudoTargetSource:
     """``[x ‖ y]`` with y sampled on the fly from the (adapted) teacher."""
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         model, prefix = run.teacher.sampling_inputs()
         prompts = _prompts(examples)
-        return collate(prompts, run.sample(model, prompts, prefix_embeds=prefix), run.tokenizer.pad_token_id)
+        responses = run.sample(model, prompts, prefix_embeds=prefix, capped_ending=capped_ending)
+        return collate(prompts, responses, run.tokenizer.pad_token_id)
 
     return make_batch
 
 
-def cached_teacher_samples(run: Run, *, seed: int = 10) -> PseudoTargetSource:
+def retokenized(run: Run, examples: ExampleBatch, responses: list[list[int]]) -> list[list[int]]:
+    """``responses`` (token ids) decoded to text without special tokens and
+    tokenized again as dataset responses (joint with the prompt, EOS
+    appended, cut to ``data.max_length``), as SeqKD's reference builds its
+    targets: generate.py decodes with ``skip_special_tokens=True`` and
+    tools/process_data_dolly.py re-tokenizes the text (gmkim-ai/PromptKD,
+    ``scripts/gpt2/tools/process_pseudo_data_seqkd.sh``)."""
+    texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    generated = [dataclasses.replace(e.example, references=(text,)) for e, text in zip(examples, texts)]
+    max_length = run.config.recipe.data.max_length
+    # training=False drops no example, so the results stay aligned with ``examples``
+    tokenized, _ = tokenize(generated, run.tokenizer, max_prompt_length=max_length - 1, max_length=max_length,
+                            training=False)
+    return [t.response_ids[: max_length - len(e.prompt_ids)] for t, e in zip(tokenized, examples)]
+
+
+def cached_teacher_samples(run: Run, *, seed: int = 10, targets: Literal["text", "ids"] = "text",
+                           capped_ending: CappedEnding = "open") -> PseudoTargetSource:
     """``[x ‖ y]`` with one teacher sample per training prompt, generated once
     (seeded) and cached on disk keyed by teacher, prompts and sampler
-    settings, so every SeqKD run on the same teacher reuses them."""
+    settings, so every SeqKD run on the same teacher reuses them.
+
+    ``targets = "text"`` (the reference) trains on the samples' text
+    re-tokenized as dataset responses (:func:`retokenized`: every target
+    ends with EOS); ``"ids"`` on the sampled token ids, ended as
+    ``capped_ending`` says."""
     prompts = [e.prompt_ids for e in run.train_examples]
     generation = run.config.recipe.generation
     key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, seed,
@@ -76,6 +104,10 @@ def cached_teacher_samples(run: Run, *, seed: int = 10) -> PseudoTargetSource:
         responses = _generate_shared(run, prompts, generation.batch_size, seed)
         if run.process_index == 0:
             write_json_atomic(path, responses)
+    if targets == "text":
+        responses = retokenized(run, run.train_examples, responses)
+    elif capped_ending == "eos":
+        responses = [ended_with_eos(r, run.tokenizer.eos_token_id) for r in responses]
     by_prompt = {tuple(p): r for p, r in zip(prompts, responses)}
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
@@ -106,10 +138,11 @@ def _generate_shared(run: Run, prompts: list[list[int]], batch_size: int, seed: 
     return [generated[i] for i in range(len(prompts))]
 
 
-def mixture(run: Run, *, fraction: float = 0.5, schedule: str = "constant") -> PseudoTargetSource:
+def mixture(run: Run, *, fraction: float = 0.5, schedule: str = "constant",
+            capped_ending: CappedEnding = "open") -> PseudoTargetSource:
     """A coin flip per optimizer step (GKD): student samples with probability
     ``fraction * schedule(k, K)``, otherwise the dataset responses."""
-    on_policy, off_policy = student_samples(run), dataset_responses(run)
+    on_policy, off_policy = student_samples(run, capped_ending=capped_ending), dataset_responses(run)
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         probability = fraction * run.schedule(schedule)
@@ -138,11 +171,13 @@ class TeacherMixedRollouts:
     response positions (so a loss needs no teacher pass over rollouts).
     Each call returns the next ``len(examples)`` rollouts of the current
     shuffled pass as a :class:`RolloutBatch`, with the examples' dataset
-    responses as its ``lm`` batch.
+    responses as its ``lm`` batch.  ``capped_ending``: see
+    :func:`distillkit.sampling.sample` (the reference leaves capped rollouts
+    open: microsoft/LMOps ``minillm/minillm/trainer.py`` ``generate``).
     """
 
     def __init__(self, run: Run, *, size: int = 256, epochs: int = 4, mix_weight: float = 0.2,
-                 keep_teacher_logits: bool = True) -> None:
+                 keep_teacher_logits: bool = True, capped_ending: CappedEnding = "open") -> None:
         batch_size = run.config.training.batch_size
         if size <= 0 or size % batch_size:
             raise DistillkitError(f"rollout size ({size}) must be a positive multiple of training.batch_size "
@@ -156,6 +191,7 @@ class TeacherMixedRollouts:
                                       "a prompt would need the prompt in the mix-in model too")
         self.run, self.size, self.epochs = run, size, epochs
         self.mix_weight, self.keep_teacher_logits = mix_weight, keep_teacher_logits
+        self.capped_ending = capped_ending
         self.collections, self.passes, self.cursor = 0, 0, 0
         self.order: list[int] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -212,7 +248,8 @@ class TeacherMixedRollouts:
         log.info("collecting %d rollouts (teacher mix-in weight %g)", len(prompts), self.mix_weight)
         for start in range(0, len(prompts), run.config.recipe.generation.batch_size):
             chunk = prompts[start : start + run.config.recipe.generation.batch_size]
-            responses = run.sample(run.student, chunk, mix_model=teacher, mix_weight=self.mix_weight)
+            responses = run.sample(run.student, chunk, mix_model=teacher, mix_weight=self.mix_weight,
+                                   capped_ending=self.capped_ending)
             batch = collate(chunk, responses, run.tokenizer.pad_token_id).to(next(teacher.parameters()).device)
             mask = batch.label_mask
             teacher_logits = run.teacher_logits(batch)

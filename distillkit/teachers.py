@@ -57,14 +57,19 @@ class SoftPrompt(torch.nn.Module):
 def initial_prompt(model: torch.nn.Module, tokenizer: Any, length: int, init: str, text: str) -> torch.Tensor:
     """(length, d) initial soft prompt (PromptKD appendix D).
 
-    ``text``: embeddings of ``text``'s tokens, truncated to ``length`` or
-    cycled from the beginning when shorter; ``padding``: the pad token's
-    embedding everywhere; ``random``: Gaussian with the embedding matrix's std.
+    ``text``: embeddings of ``text``'s tokens *with* the tokenizer's special
+    tokens (so OPT's ``</s>`` / Llama's ``<s>`` BOS is row 0; GPT-2 adds
+    none), truncated to ``length`` or cycled from the beginning when shorter,
+    as gmkim-ai/PromptKD ``utils.py`` ``get_teacher_model`` (prompt_init:
+    ``tokenizer(args.prompt_init_text)["input_ids"]``, repeated
+    ``ceil(prompt_len / n)`` times, cut to ``prompt_len``); ``padding``: the
+    pad token's embedding everywhere; ``random``: Gaussian with the embedding
+    matrix's std.
     """
     embeddings = model.get_input_embeddings().weight.detach()
     if init == "text":
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not text or not ids:  # checked on the text: a BOS alone is no init text
             raise DistillkitError("the soft-prompt init text tokenizes to nothing; set a non-empty prompt_init_text")
         return embeddings[[ids[i % len(ids)] for i in range(length)]]
     if init == "padding":

@@ -160,7 +160,7 @@ class Trainer:
         self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
                        train_examples=train_examples, teacher_id=teacher_id,
                        process_index=self.accelerator.process_index, num_processes=processes,
-                       keep_going=self._any_process if self.sharded else bool)
+                       keep_going=self._any_process if self.sharded else bool, global_sum=self._global_tensor_sum)
         if self.method.teacher is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
@@ -327,8 +327,13 @@ class Trainer:
         """``values`` summed over all processes (unchanged with one)."""
         if self.accelerator.num_processes == 1:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(tensor, "sum").tolist()
+        return self._global_tensor_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def _global_tensor_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all processes (unchanged with one)."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum").to(tensor.device)
 
     def _any_process(self, flag: bool) -> bool:
         """``flag`` or-ed over all processes."""
@@ -357,7 +362,7 @@ class Trainer:
         terms_by_key: dict[str, float] = {}
         logs: dict[str, float] = {}
         for stage in self.method.stages:
-            self.run.student.train(stage.dropout)
+            self.run.student.train(stage.student_train_mode(self.config.options))
             engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine clips and steps
             for index, batch in enumerate(batches):
                 weight = batch.num_response_tokens / max(global_tokens, 1)
@@ -456,7 +461,8 @@ class Trainer:
         share = self.validation_share()
         task = progress.add_task("validation", total=len(share), status="")
         result = evaluate(self.accelerator.unwrap_model(self.run.student), self.tokenizer, share,
-                          settings_from(generation), seeds=[self.training.seed], batch_size=generation.batch_size,
+                          settings_from(generation, max_new_tokens=self.config.recipe.eval.max_new_tokens),
+                          seeds=[self.training.seed], batch_size=generation.batch_size,
                           max_length=self.config.recipe.data.max_length, progress=lambda n: progress.advance(task, n),
                           row_keyed=True)
         progress.remove_task(task)

@@ -1,15 +1,24 @@
 """GKD (Agarwal et al. 2024): on-policy distillation with a generalized JSD.
 
-    per micro-batch: with probability lambda, y ~ q_theta(.|x) (no grad); else y = y*
+    per optimizer step: with probability lambda, y ~ q_theta(.|x) (no grad); else y = y*
     L = mean_t JSD_beta(p_t || q_t)   on the response tokens of [x ‖ y]
 
 beta = 0 is forward KL, beta = 1 reverse KL; PromptKD's GKD baseline is
 lambda = 1, beta = 1.  Starts from the SFT student.
+
+As in TRL (huggingface/trl ``trl/trainer/gkd_trainer.py``, ``GKDTrainer``):
+the student trains without dropout (``GKDConfig.disable_dropout = True``),
+and TRL's ``temperature`` is the *sampling* temperature (its
+``GenerationConfig``), which here is ``generation.temperature``; the loss
+runs at ``loss_temperature`` (TRL calls ``generalized_jsd_loss`` without a
+temperature, i.e. 1.0).  TRL flips its coin per micro-batch; distillkit
+once per optimizer step, so one step never mixes both kinds of targets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -24,13 +33,15 @@ class GKDOptions:
     on_policy_fraction: float = 0.5  # lambda
     on_policy_schedule: str = "constant"  # lambda_k = lambda * schedule(k, K)
     beta: float = 0.5
-    temperature: float = 1.0
+    loss_temperature: float = 1.0  # softmax temperature of the loss (TRL: 1.0); sampling: generation.temperature
+    student_dropout: bool = False  # TRL: disable_dropout = True
+    capped_ending: Literal["open", "eos"] = "open"  # a student sample cut at its limit (TRL: left open)
 
 
 def gkd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: GKDOptions = run.options
     student = run.student_logits(batch)
-    jsd = run.divergence("jsd", student, run.teacher_logits(batch), batch, temperature=opts.temperature,
+    jsd = run.divergence("jsd", student, run.teacher_logits(batch), batch, temperature=opts.loss_temperature,
                          beta=opts.beta)
     return {"loss": jsd, "jsd": jsd}
 
@@ -38,6 +49,7 @@ def gkd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="gkd", description="on-policy KD: student samples with prob. lambda, generalized JSD(beta)",
-                   stages=(Stage("student", gkd_loss),), source="mixture", teacher="frozen", options=GKDOptions,
-                   source_options=lambda o: {"fraction": o.on_policy_fraction, "schedule": o.on_policy_schedule},
-                   student_init="sft")]
+                   stages=(Stage("student", gkd_loss, dropout=lambda o: o.student_dropout),), source="mixture",
+                   teacher="frozen", options=GKDOptions, student_init="sft",
+                   source_options=lambda o: {"fraction": o.on_policy_fraction, "schedule": o.on_policy_schedule,
+                                             "capped_ending": o.capped_ending})]

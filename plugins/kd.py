@@ -3,7 +3,9 @@ distribution at every ground-truth position, mixed with the LM loss.
 
     L_KD = (1 - kd_ratio) * L_SFT + kd_ratio * mean_t KL(p_t || q_t)
 
-with a true forward KL (teacher entropy included) at ``temperature``.
+with a true forward KL (teacher entropy included) at ``loss_temperature`` (the
+softmax temperature of both sides in the loss; sampling has its own,
+``generation.temperature``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from distillkit.run import Run
 @dataclass(frozen=True)
 class KDOptions:
     kd_ratio: float = 0.5
-    temperature: float = 1.0
+    loss_temperature: float = 1.0
     divergence: str = "forward_kl"
 
 
@@ -30,7 +32,7 @@ def kd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
     student = run.student_logits(batch)
     teacher = run.teacher_logits(batch)
     ce = run.cross_entropy(student, batch)
-    kl = run.divergence(opts.divergence, student, teacher, batch, temperature=opts.temperature)
+    kl = run.divergence(opts.divergence, student, teacher, batch, temperature=opts.loss_temperature)
     return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * kl, "ce": ce, "kl": kl}
 
 

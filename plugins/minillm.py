@@ -7,6 +7,7 @@ reverse KL, as in the reference code (microsoft/LMOps ``minillm/``).
         w_t = q_old(y_t) / ((1 - alpha) q_old(y_t) + alpha p(y_t))
     per optimizer step, on a minibatch of rollouts and the step's dataset examples:
         A_t    = whiten( sum_{t'>=t} gamma^(t'-t) r_t' / #response tokens from t on )   (length-normalised)
+                 (whitened over the micro-batch of every process together)
         rho_t  = exp(log q_theta(y_t) - log q_old(y_t)) * w_t
         L_PG   = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
         L_SS   = mean_t KL(q_theta(.|y_<t) || p(.|y_<t))     (exact over V: the single-step term)
@@ -20,7 +21,10 @@ stays in eval mode (no dropout) as in the reference.  Starts from the SFT studen
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from distillkit.plugins.kd import KDOptions, kd_loss
@@ -33,7 +37,7 @@ from distillkit.run import Run
 
 
 @dataclass(frozen=True)
-class MiniLLMOptions(KDOptions):  # kd_ratio, temperature, divergence: the L_PT term
+class MiniLLMOptions(KDOptions):  # kd_ratio, loss_temperature, divergence: the L_PT term
     rollout_size: int = 256  # rollouts per collection (num_rollouts)
     ppo_epochs: int = 4  # passes over each collection
     teacher_mix: float = 0.2  # alpha
@@ -41,7 +45,8 @@ class MiniLLMOptions(KDOptions):  # kd_ratio, temperature, divergence: the L_PT 
     clip_ratio: float = 0.2  # epsilon
     reward_scaling: float = 0.5
     reward_clip: float = 100.0
-    whiten_padding: bool = True  # reference: whitening statistics include the zero padding of the response block
+    whiten_padding: bool = True  # reference: whitening counts each response as its full padded block
+    capped_ending: Literal["open", "eos"] = "open"  # a rollout cut at its limit (reference: left open)
     single_step: bool = True
     lm_coef: float = 1.0
     keep_teacher_logits: bool = True  # False: recompute the teacher per minibatch (less memory)
@@ -53,12 +58,18 @@ def rewards(batch: RolloutBatch, opts: MiniLLMOptions) -> torch.Tensor:
     return raw.clamp(-opts.reward_clip, opts.reward_clip) * batch.label_mask
 
 
-def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, whiten_padding: bool) -> torch.Tensor:
+def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, block_width: int = 0,
+               global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
     """Whitened, length-normalised discounted returns (N,) at the masked positions.
 
-    ``rewards`` and ``mask`` (B, T-1).  With ``whiten_padding`` the statistics
-    also count the zeros that pad each response to the longest one (B x max
-    length entries), as the reference does.
+    ``rewards`` and ``mask`` (B, T-1).  As the reference (microsoft/LMOps
+    ``minillm/minillm/losses.py`` ``_get_advantages_and_returns`` and
+    ``utils.py`` ``whiten`` / ``get_global_statistics``): the statistics are
+    sums over this micro-batch of every process (``global_sum``), the
+    variance is the population one, and with ``block_width`` > 0 each
+    response counts as that many entries, zeros past its end (the reference
+    pads every rollout to ``max_length - max_prompt_length``,
+    ``trainer.py`` ``generate``); 0 counts the response tokens only.
     """
     returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
@@ -66,11 +77,14 @@ def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, whiten_p
         returns[:, t] = running
     mask = mask.float()
     remaining = (mask.flip(-1).cumsum(-1).flip(-1)).clamp(min=1)  # response tokens from t to the end
-    values = (returns / remaining)[mask.bool()]
-    count = mask.shape[0] * int(mask.sum(-1).max()) if whiten_padding else values.numel()
-    mean = values.sum() / count
-    var = ((values - mean).square().sum() + (count - values.numel()) * mean.square()) / max(count - 1, 1)
-    return ((values - mean) * torch.rsqrt(var + 1e-8)).detach()
+    values = (returns / remaining)[mask.bool()].double()
+    width = max(block_width, int(mask.sum(-1).max())) if block_width > 0 else 0
+    count = float(mask.shape[0] * width) if width else float(values.numel())
+    total, entries = global_sum(torch.stack([values.sum(), values.new_tensor(count)])).tolist()
+    mean = total / max(entries, 1.0)
+    padding = (count - values.numel()) * mean**2  # the zero entries' squared deviations
+    (squares,) = global_sum(((values - mean).square().sum() + padding).reshape(1)).tolist()
+    return ((values - mean) / math.sqrt(squares / max(entries, 1.0) + 1e-8)).float().detach()
 
 
 def minillm_loss(run: Run, batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -81,7 +95,9 @@ def minillm_loss(run: Run, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     old, teacher = batch.old_logprobs[mask], batch.teacher_logprobs[mask]
     w = (old - log_mixture(teacher, old, opts.teacher_mix)).exp()
     ratio = (logq - old).exp() * w
-    advantage = advantages(rewards(batch, opts), mask, opts.gamma, opts.whiten_padding)
+    data = run.config.recipe.data
+    advantage = advantages(rewards(batch, opts), mask, opts.gamma, global_sum=run.global_sum,
+                           block_width=data.max_length - data.max_prompt_length if opts.whiten_padding else 0)
     clipped = ratio.clamp(1 - opts.clip_ratio, 1 + opts.clip_ratio)
     pg = torch.maximum(-advantage * ratio, -advantage * clipped).mean()
     teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else run.teacher_logits(batch)
@@ -100,5 +116,5 @@ def distillkit_register_methods() -> list[Method]:
         stages=(Stage("student", minillm_loss, dropout=False),), source="rollouts", teacher="frozen",
         options=MiniLLMOptions, student_init="sft",
         source_options=lambda o: {"size": o.rollout_size, "epochs": o.ppo_epochs, "mix_weight": o.teacher_mix,
-                                  "keep_teacher_logits": o.keep_teacher_logits},
+                                  "keep_teacher_logits": o.keep_teacher_logits, "capped_ending": o.capped_ending},
     )]

@@ -8,11 +8,20 @@
 
 KL directions are named relative to the trainable side ("reverse" = KL(trainable || target)),
 as in the paper's flags; the defaults are the paper's.  Starts from the SFT student.
+
+As in the reference (gmkim-ai/PromptKD ``train_promptkd.py``, ``finetune``):
+the student target q of the prompt step is computed in eval mode
+(``get_distil_loss`` calls ``.eval()`` on it), the prompted teacher with
+grad in train mode (``teacher_model.train()``), the student step in train
+mode; a student sample cut at its length limit ends with EOS
+(``response_ids[:, -1] = pad_token_id``, pad = EOS); c_k is evaluated at
+k = 1..K (``base_ratio = global_step / total_iters``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -22,25 +31,25 @@ from distillkit.components import Method, Stage
 from distillkit.run import Run
 
 DIRECTIONS = {"reverse": "reverse_kl", "forward": "forward_kl"}
+Direction = Literal["reverse", "forward"]
 
 
 @dataclass(frozen=True)
 class PromptKDOptions:
     prompt_length: int = 7
-    prompt_init: str = "text"  # "text", "padding" or "random"
+    prompt_init: Literal["text", "padding", "random"] = "text"
     prompt_init_text: str = "Suppose you are a student."
     teacher_adapter_lr: float | None = None  # prompt learning rate; None: training.lr (as in the paper)
-    kd_direction: str = "reverse"  # L_kd
-    reg_direction: str = "reverse"  # L_reg
-    student_direction: str = "reverse"  # L_student: KL(q || p_P)
+    kd_direction: Direction = "reverse"  # L_kd
+    reg_direction: Direction = "reverse"  # L_reg
+    student_direction: Direction = "reverse"  # L_student: KL(q || p_P)
     use_reg: bool = True
     reg_schedule: str = "linear"  # c_k; "linear" is (K - k) / K
     teacher_dropout_in_prompt_step: bool = True
+    capped_ending: Literal["eos", "open"] = "eos"  # a student sample cut at its limit: EOS last (reference)
 
 
-def _kl(direction: str) -> str:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"KL direction must be 'reverse' or 'forward', got '{direction}'")
+def _kl(direction: Direction) -> str:
     return DIRECTIONS[direction]
 
 
@@ -48,7 +57,7 @@ def prompt_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
     prompted = run.teacher_logits(batch, grad=True)  # gradient reaches P only
     with torch.no_grad():
-        student = run.student_logits(batch)
+        student = run.student_logits(batch)  # in eval mode: the stage sets dropout=False
     l_kd = run.divergence(_kl(opts.kd_direction), prompted, student, batch)
     terms = {"l_kd": l_kd}
     loss = l_kd
@@ -73,8 +82,9 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(
         name="promptkd",
         description="student samples; soft prompt on the teacher tuned for the student, then reverse-KL KD",
-        stages=(Stage("teacher_adapter", prompt_loss), Stage("student", student_loss)),
+        stages=(Stage("teacher_adapter", prompt_loss, dropout=False), Stage("student", student_loss)),
         source="student", teacher="soft_prompt", options=PromptKDOptions, student_init="sft",
+        source_options=lambda o: {"capped_ending": o.capped_ending},
         teacher_options=lambda o: {"length": o.prompt_length, "init": o.prompt_init, "init_text": o.prompt_init_text,
                                    "train_mode_for_grad": o.teacher_dropout_in_prompt_step},
     )]

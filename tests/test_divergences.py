@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillkit.divergences import BUILTIN_DIVERGENCES, masked_cross_entropy, masked_divergence
+from distillkit.divergences import (
+    BUILTIN_DIVERGENCES,
+    masked_cross_entropy,
+    masked_divergence,
+    masked_token_divergences,
+)
 
 DIVS = {d.name: d for d in BUILTIN_DIVERGENCES}
 DEFAULTS = {"jsd": {"beta": 0.5}, "skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}}
@@ -29,8 +34,8 @@ PROPS = settings(max_examples=30, deadline=None)
 # --- naive float64 reference ---------------------------------------------------
 
 def ref_kl(logp, logq):
-    """KL(p||q) per row; terms with a -inf log-prob are 0 (double-where, so grads stay finite)."""
-    ok = torch.isfinite(logp) & torch.isfinite(logq)
+    """KL(p||q) per row: a term with p = 0 is 0, one with p > 0 = q is +inf (double-where, so grads stay finite)."""
+    ok = logp != -math.inf
     lp, lq = torch.where(ok, logp, 0.0), torch.where(ok, logq, 0.0)
     return torch.where(ok, lp.exp() * (lp - lq), 0.0).sum(-1)
 
@@ -236,35 +241,98 @@ def test_empty_mask_gives_zero(name):
     assert masked_divergence(DIVS[name], a, b, mask).item() == 0.0
 
 
-# --- -inf target columns ---------------------------------------------------------
+# --- -inf logits -----------------------------------------------------------------
 
-def inf_target_case():
+SHARED_CASES = [("forward_kl", {}), ("reverse_kl", {}), ("skew_forward_kl", {}), ("skew_reverse_kl", {}), ("tvd", {})]
+SHARED_CASES += [("jsd", {"beta": beta}) for beta in (0.0, 0.3, 0.5, 1.0)]
+
+
+def reduced_vocab_reference(name, trainable, target, mask, temperature=1.0, **params):
+    """Mean over the masked rows of ``ref_per_row`` on each row's vocabulary with its
+    -inf columns (shared by both sides) removed; the removed columns get gradient 0."""
+    rows = []
+    for x, y in zip(trainable[mask], target[mask]):
+        keep = torch.isfinite(x)
+        rows.append(ref_per_row(name, x[keep][None], y[keep][None], temperature, **params))
+    return torch.cat(rows).mean()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), chunk_size=st.sampled_from([2, 1024]), temperature=st.sampled_from([1.0, 1.7]))
+@pytest.mark.parametrize("name,params", SHARED_CASES, ids=[f"{n}{p}" for n, p in SHARED_CASES])
+def test_shared_inf_columns_match_the_reduced_vocabulary(name, params, seed, chunk_size, temperature):
+    """Regression: logaddexp(-inf, -inf) and 0 * inf in backward made jsd and the skew KLs all-NaN in such rows."""
+    a, b, mask = logits_and_mask(seed)
+    g = torch.Generator().manual_seed(seed)
+    shared = (torch.rand(mask.shape, generator=g) < 0.6).unsqueeze(-1) & (torch.rand(a.shape, generator=g) < 0.4)
+    shared[..., :2] = False  # at least two live columns in every row
+    shared[0, 1, 5] = True  # and at least one masked column in a scored row
+    a, b = a.masked_fill(shared, -math.inf), b.masked_fill(shared, -math.inf)
+    got = value_and_grads(lambda x, y: masked_divergence(
+        DIVS[name], x, y, mask, temperature=temperature, chunk_size=chunk_size, **params), a, b)
+    want = value_and_grads(lambda x, y: reduced_vocab_reference(name, x, y, mask, temperature, **params),
+                           a.double(), b.double())
+    for g_, w, what in zip(got, want, ("value", "d/trainable", "d/target")):
+        assert torch.isfinite(g_).all(), f"non-finite {what}"
+        torch.testing.assert_close(g_.double(), w, rtol=1e-5, atol=1e-7, msg=f"{what} differs")
+    assert not got[1][shared].any() and not got[2][shared].any()
+
+
+def one_sided_inf_case(side):
+    """-inf columns on one side only: q = 0 there (side 'trainable') or p = 0 ('target'), in some rows."""
     a, b, mask = logits_and_mask(seed=11)
-    b[..., :3] = -math.inf  # masked vocabulary: P = 0 there
-    b[1, 0, 7] = -math.inf
+    x = a if side == "trainable" else b
+    x[0, :, :3] = -math.inf
+    x[1, 0, 7] = -math.inf
     return a, b, mask
 
 
-@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
-def test_inf_target_columns_give_finite_reference_values(name, params):
-    a, b, mask = inf_target_case()
-    value = masked_divergence(DIVS[name], a, b, mask, temperature=1.5, chunk_size=3, **params)
-    assert torch.isfinite(value)
-    want = ref_masked(name, a.double(), b.double(), mask, 1.5, **params)
-    assert value.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+def infinite_kl(name, params, side):
+    """KL(A||B) is +inf where A > 0 = B: forward KL with q = 0, reverse KL with p = 0."""
+    beta = params.get("beta", 0.5)
+    forward = name == "forward_kl" or (name == "jsd" and beta == 0.0)
+    reverse = name == "reverse_kl" or (name == "jsd" and beta == 1.0)
+    return (forward and side == "trainable") or (reverse and side == "target")
 
 
 @pytest.mark.parametrize("side", ["trainable", "target"])
 @pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
-def test_inf_target_columns_give_finite_gradients(name, params, side):
-    """Regression: 0 * (-inf) in the unselected branch of torch.where used to leak NaN into backward."""
-    a, b, mask = inf_target_case()
-    idx = 1 if side == "trainable" else 2
-    got = value_and_grads(lambda x, y: masked_divergence(
-        DIVS[name], x, y, mask, temperature=1.5, chunk_size=3, **params), a, b)[idx]
-    assert torch.isfinite(got).all(), f"non-finite gradient w.r.t. the {side} logits"
-    want = value_and_grads(lambda x, y: ref_masked(name, x, y, mask, 1.5, **params), a.double(), b.double())[idx]
+def test_one_sided_inf_columns_give_inf_kl_and_finite_mixtures(name, params, side):
+    """Forward/reverse KL are +inf in exactly the rows with a zero where the other side has mass (never a
+    silently dropped term); jsd (0 < beta < 1), the skew KLs and tvd stay finite and match the reference."""
+    a, b, mask = one_sided_inf_case(side)
+    got = masked_token_divergences(DIVS[name], a, b, mask, temperature=1.5, chunk_size=3, **params)
+    want = ref_per_row(name, a[mask].double(), b[mask].double(), 1.5, **params)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    inf_rows = torch.isinf(a[mask] if side == "trainable" else b[mask]).any(-1)
+    if infinite_kl(name, params, side):
+        assert (got[inf_rows] == math.inf).all() and torch.isfinite(got[~inf_rows]).all()
+    else:
+        assert torch.isfinite(got).all()
+
+
+ONE_SIDED_FINITE = [(n, p, s) for s in ("trainable", "target") for n, p in CASES if not infinite_kl(n, p, s)]
+
+
+@pytest.mark.parametrize("name,params,side", ONE_SIDED_FINITE, ids=[f"{n}{p}-{s}" for n, p, s in ONE_SIDED_FINITE])
+def test_one_sided_inf_columns_give_finite_gradients(name, params, side):
+    """Regression: 0 * (-inf) in the unselected branch of torch.where used to leak NaN into backward."""
+    a, b, mask = one_sided_inf_case(side)
+    got = value_and_grads(lambda x, y: masked_divergence(
+        DIVS[name], x, y, mask, temperature=1.5, chunk_size=3, **params), a, b)
+    want = value_and_grads(lambda x, y: ref_masked(name, x, y, mask, 1.5, **params), a.double(), b.double())
+    for g, w, what in zip(got, want, ("value", "d/trainable", "d/target")):
+        assert torch.isfinite(g).all(), f"non-finite {what}"
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7, msg=f"{what} differs")
+
+
+@pytest.mark.parametrize("side", ["trainable", "target"])
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_nan_logit_gives_nan_value(name, params, side):
+    """Regression: _kl dropped non-finite terms, so a NaN loss read as a finite number."""
+    a, b, mask = logits_and_mask(seed=12)
+    (a if side == "trainable" else b)[0, 1, 4] = math.nan  # mask[0, 1] is set
+    assert torch.isnan(masked_divergence(DIVS[name], a, b, mask, chunk_size=3, **params))
 
 
 # --- cross-entropy ---------------------------------------------------------------
@@ -348,7 +416,7 @@ def test_errors():
         masked_divergence(DIVS["forward_kl"], a, b[..., :-1], mask)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tvd"])
 def test_inf_trainable_column_gives_finite_value(name):
     """Regression: the chunk accumulator started as rows.sum() * 0, which is NaN when a row holds -inf."""
     a, b, mask = logits_and_mask(seed=5)

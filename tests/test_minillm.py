@@ -4,6 +4,7 @@ against a naive float64 reference written from the reference code's formulas."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -68,10 +69,12 @@ def _rollout_batch(tokenizer, teacher_lp, old_lp, prompt_lengths=(3, 5), respons
                         None, batch)
 
 
-def _naive_advantages(per_response_rewards, gamma, whiten_padding):
-    """The reference: discounted return from t (r_t included) over the tokens left, then whitening over
-    a (B, max length) block whose padding holds zeros (or over the tokens only)."""
-    width = max(len(r) for r in per_response_rewards)
+def _naive_advantages(per_response_rewards, gamma, block_width):
+    """A transcription of the reference (microsoft/LMOps minillm/minillm/losses.py
+    _get_advantages_and_returns, utils.py whiten with get_global_statistics): the
+    discounted return from t (r_t included) over the tokens left, then whitening
+    over a (B, block_width) block whose padding holds zeros (0: over the tokens
+    only), with the population variance (sum_var / count)."""
     block, values = [], []
     for row in per_response_rewards:
         normalised = []
@@ -79,14 +82,15 @@ def _naive_advantages(per_response_rewards, gamma, whiten_padding):
             ret = sum(gamma ** (k - t) * row[k] for k in range(t, len(row)))
             normalised.append(ret / (len(row) - t))
         values.extend(normalised)
-        block.extend(normalised + [0.0] * (width - len(row)))
-    stats = torch.tensor(block if whiten_padding else values, dtype=torch.float64)
-    var, mean = torch.var_mean(stats)
-    return [(v - mean.item()) / math.sqrt(var.item() + 1e-8) for v in values]
+        block.extend(normalised + [0.0] * (max(block_width - len(row), 0)))
+    stats = torch.tensor(block if block_width else values, dtype=torch.float64)
+    mean = stats.mean().item()
+    var = ((stats - mean) ** 2).sum().item() / stats.numel()
+    return [(v - mean) / math.sqrt(var + 1e-8) for v in values]
 
 
-@pytest.mark.parametrize("whiten_padding", [True, False])
-def test_rewards_and_advantages_match_the_reference(tokenizer, whiten_padding):
+@pytest.mark.parametrize("block_width", [0, 4, 9])
+def test_rewards_and_advantages_match_the_reference(tokenizer, block_width):
     teacher_lp = [[-1.0, -2.0, -0.5, -3.0], [-0.2, -400.0]]
     old_lp = [[-1.5, -1.0, -0.5, -2.0], [-0.4, -1.0]]
     batch = _rollout_batch(tokenizer, teacher_lp, old_lp)
@@ -96,8 +100,42 @@ def test_rewards_and_advantages_match_the_reference(tokenizer, whiten_padding):
     assert r[batch.label_mask].tolist() == pytest.approx([v for row in expected for v in row])
     assert r[~batch.label_mask].abs().sum() == 0
     assert r.min() == -100.0  # clipped
-    got = advantages(r, batch.label_mask, 0.95, whiten_padding)
-    assert got.tolist() == pytest.approx(_naive_advantages(expected, 0.95, whiten_padding), rel=1e-5, abs=1e-6)
+    got = advantages(r, batch.label_mask, 0.95, block_width=block_width)
+    assert got.tolist() == pytest.approx(_naive_advantages(expected, 0.95, block_width), rel=1e-5, abs=1e-6)
+
+
+def test_advantages_are_whitened_over_the_micro_batches_of_all_processes(tokenizer):
+    """Two processes (threads with a summing all-reduce), each with one of two
+    rollouts: the reference all-reduces the whitening statistics, so each gets
+    its rows of the advantages of the joint two-row micro-batch."""
+    teacher_lp, old_lp = [[-1.0, -2.0, -0.5, -3.0], [-0.2, -4.0]], [[-1.5, -1.0, -0.5, -2.0], [-0.4, -1.0]]
+    opts = MiniLLMOptions()
+    joint = _rollout_batch(tokenizer, teacher_lp, old_lp)
+    want = advantages(rewards(joint, opts), joint.label_mask, 0.95, block_width=6)
+    halves = [_rollout_batch(tokenizer, [t], [o], prompt_lengths=(p,), response_lengths=(len(t),))
+              for t, o, p in zip(teacher_lp, old_lp, (3, 5))]
+    barrier, slots, got = threading.Barrier(2), [None, None], [None, None]
+
+    def all_reduce(rank: int, tensor: torch.Tensor) -> torch.Tensor:
+        slots[rank] = tensor
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()  # nobody overwrites a slot before both have read it
+        return total
+
+    def process(rank: int) -> None:
+        half = halves[rank]
+        got[rank] = advantages(rewards(half, opts), half.label_mask, 0.95, block_width=6,
+                               global_sum=lambda tensor: all_reduce(rank, tensor))
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.cat(got).tolist() == pytest.approx(want.tolist(), rel=1e-6, abs=1e-7)
+    alone = advantages(rewards(halves[0], opts), halves[0].label_mask, 0.95, block_width=6)
+    assert alone.tolist() != pytest.approx(got[0].tolist(), abs=1e-3)  # the reduction matters
 
 
 def _minillm_run(recipe_file, tokenizer):
@@ -126,7 +164,9 @@ def test_clipped_importance_weighted_policy_gradient(recipe_file, tokenizer):
     opts: MiniLLMOptions = run.options
     terms = minillm_loss(run, rollout)
 
-    adv = advantages(rewards(rollout, opts), mask, opts.gamma, opts.whiten_padding).double()
+    data = run.config.recipe.data
+    adv = advantages(rewards(rollout, opts), mask, opts.gamma,
+                     block_width=data.max_length - data.max_prompt_length).double()
     alpha, eps = opts.teacher_mix, opts.clip_ratio
     losses = []
     for a, lq, lo, lp in zip(adv.tolist(), student_lp[mask].tolist(), old[mask].tolist(), teacher_lp[mask].tolist()):

@@ -156,7 +156,7 @@ def test_promptkd_changes_prompt_never_teacher_and_resumes_exactly(recipe_file, 
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"teacher_adapter/l_kd", "teacher_adapter/l_reg", "student/loss"} <= set(records[0])
     c_k = [r["teacher_adapter/c_k"] for r in records if "teacher_adapter/c_k" in r]
-    assert c_k == [1.0, 0.75, 0.5, 0.25]  # (K - k) / K with K = 4
+    assert c_k == [0.75, 0.5, 0.25, 0.0]  # (K - k) / K with K = 4 and k = 1..K, as the reference counts
 
     original = Trainer.train_step
     calls = {"n": 0}

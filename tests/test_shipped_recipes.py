@@ -78,7 +78,7 @@ def test_paper_recipe_models_and_budget(name):
     assert student_sft.epochs == 3 and student_sft.select_by == "loss"
 
     kd = resolve_run(recipe, "kd")
-    assert kd.options.kd_ratio == 0.5 and kd.options.divergence == "forward_kl" and kd.options.temperature == 1.0
+    assert kd.options.kd_ratio == 0.5 and kd.options.divergence == "forward_kl" and kd.options.loss_temperature == 1.0
     assert kd.student_init == "pretrained" and resolve_run(recipe, "sft").student_init == "pretrained"
 
     promptkd = resolve_run(recipe, "promptkd")
@@ -91,6 +91,16 @@ def test_paper_recipe_models_and_budget(name):
 
     gkd = resolve_run(recipe, "gkd")  # the PromptKD paper's GKD baseline: RKL on student samples
     assert gkd.options.beta == 1.0 and gkd.options.on_policy_fraction == 1.0 and gkd.student_init == "sft"
+
+    # issue 12: the reference behaviour of each method
+    assert gen.max_new_tokens == 256 and recipe.eval.max_new_tokens == 0  # samples: 256 new tokens; eval: to 512
+    assert promptkd.options.capped_ending == "eos" and gkd.options.capped_ending == "open"
+    assert not gkd.options.student_dropout and gkd.options.loss_temperature == 1.0  # TRL's GKD
+    assert resolve_run(recipe, "seqkd").options.targets == "text"
+    minillm = resolve_run(recipe, "minillm")
+    assert minillm.options.capped_ending == "open" and minillm.options.whiten_padding
+    steps_per_collection = minillm.options.rollout_size // minillm.training.batch_size * minillm.options.ppo_epochs
+    assert steps_per_collection == (4 if name == "gpt2-xl_to_gpt2-base" else 16)  # 256 rollouts, global batch 256/64
 
 
 def test_paper_values_per_size():
