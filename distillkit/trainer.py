@@ -61,6 +61,7 @@ class TrainerState:
     elapsed_s: float = 0.0  # seconds in training steps (no setup, evaluation or checkpointing)
     generated_tokens: int = 0  # tokens sampled by the run (pseudo-targets, all processes), see Run.sample
     peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the (main) process
+    skipped_updates: int = 0  # stage updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -188,6 +189,9 @@ class Trainer:
         """DeepSpeed's engine owns the student's accumulation, clipping and
         step: tell it the per-process micro-batch, how many of them make one
         optimizer step and the recipe's clipping norm."""
+        if self.training.on_nonfinite == "skip":
+            raise DistillkitError("training.on_nonfinite = 'skip' is not supported under DeepSpeed, whose engine "
+                                  "steps inside the backward pass; use 'stop'")
         micro_batches = self.training.batch_size // (processes * self.training.micro_batch_size)
         config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         config.update(train_micro_batch_size_per_gpu=self.training.micro_batch_size,
@@ -339,6 +343,37 @@ class Trainer:
         """``flag`` or-ed over all processes."""
         return self._global_sum([float(flag)])[0] > 0
 
+    def _gradient_norm(self, group: str) -> float:
+        """The total gradient norm of ``group``, clipped to ``training.max_grad_norm`` (if > 0)."""
+        params = self._parameters(group)
+        if self.training.max_grad_norm > 0:
+            clip = torch.nn.utils.clip_grad_norm_ if self.deepspeed else self.accelerator.clip_grad_norm_
+            return float(clip(params, self.training.max_grad_norm))
+        grads = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+    def _all_finite(self, *values: float) -> bool:
+        """Whether ``values`` are finite in every process."""
+        (bad,) = self._global_sum([float(not all(math.isfinite(v) for v in values))])
+        return bad == 0
+
+    def _non_finite(self, group: str, what: str) -> int:
+        """Stop the run at a non-finite loss or gradient of ``group`` (before
+        any parameter changed), or, with ``training.on_nonfinite = "skip"``,
+        count the skipped update and return 1."""
+        step = self.state.step + 1
+        if self.training.on_nonfinite == "skip":
+            self.state.skipped_updates += 1
+            log.warning("step %d: non-finite %s of %s, update skipped (%d so far)", step, what, group,
+                        self.state.skipped_updates)
+            return 1
+        latest = self.latest_checkpoint()
+        kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+        raise DistillkitError(
+            f"step {step}: the {what} of {group} is not finite (NaN or inf), so the run stopped before updating; "
+            f"{kept}; lower training.lr (now {self.training.lr:g}), check the method options, or set "
+            "training.on_nonfinite = \"skip\" to skip such steps")
+
     def _backward(self, loss: torch.Tensor, group: str, *, last: bool) -> None:
         """Backward of one micro-batch's weighted loss.  Under DeepSpeed the
         student's engine accumulates: it steps after the ``last`` micro-batch
@@ -364,12 +399,16 @@ class Trainer:
         for stage in self.method.stages:
             self.run.student.train(stage.student_train_mode(self.config.options))
             engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine clips and steps
+            loss_sum = 0.0  # this process's share of the stage's loss
             for index, batch in enumerate(batches):
                 weight = batch.num_response_tokens / max(global_tokens, 1)
                 last = index == len(batches) - 1
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.run.student)
                 with sync:
                     terms = stage.loss(self.run, batch)
+                    loss_sum += float(terms["loss"].detach()) * weight
+                    if engine and last and not self._all_finite(loss_sum):  # the engine steps in this backward
+                        self._non_finite(stage.trains, "loss")
                     # gradients are averaged over processes, so scale by N to get the global token average
                     self._backward(terms["loss"] * (weight * processes), stage.trains, last=last)
                 for name, value in terms.items():
@@ -381,10 +420,16 @@ class Trainer:
                     param.grad = self.accelerator.reduce(param.grad, "mean")
             if engine:
                 logs["grad_norm/student"] = float(self.run.student.get_global_grad_norm() or 0.0)
-            elif self.training.max_grad_norm > 0:
-                clip = torch.nn.utils.clip_grad_norm_ if self.deepspeed else self.accelerator.clip_grad_norm_
-                norm = clip(self._parameters(stage.trains), self.training.max_grad_norm)
-                logs[f"grad_norm/{stage.trains}"] = float(norm)
+            else:
+                norm = self._gradient_norm(stage.trains)
+                logs[f"grad_norm/{stage.trains}"] = norm
+                if not self._all_finite(loss_sum, norm):
+                    skipped = self._non_finite(stage.trains, "loss" if not math.isfinite(loss_sum) else "gradient")
+                    optimizer.zero_grad(set_to_none=True)
+                    logs[f"skipped/{stage.trains}"] = skipped
+                    self.schedulers[stage.trains].step()  # the schedule follows k, skipped or not
+                    logs[f"lr/{stage.trains}"] = self.schedulers[stage.trains].get_last_lr()[0]
+                    continue
             optimizer.step()  # under DeepSpeed the student's optimizer and scheduler steps are no-ops
             self.schedulers[stage.trains].step()
             optimizer.zero_grad(set_to_none=True)
@@ -471,7 +516,10 @@ class Trainer:
         metrics = {"rougeL": rouge_sum / max(count, 1), "loss": loss_sum / max(tokens, 1)}
         metric = metrics[self.training.select_by]
         best = self.state.best_metric
-        improved = best is None or (metric > best if self.training.select_by == "rougeL" else metric < best)
+        if not math.isfinite(metric):  # a NaN score never becomes the best
+            improved = False
+        else:
+            improved = best is None or (metric > best if self.training.select_by == "rougeL" else metric < best)
         if improved:
             self.state.best_metric, self.state.best_step = metric, self.state.step
             self._save_best(metrics)
