@@ -35,10 +35,15 @@ def files_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, then rename
-    it into place, so a killed writer never leaves a partial file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into
+    place, so a killed writer never leaves a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
+    """:func:`write_text_atomic` of ``data`` as JSON."""
+    write_text_atomic(path, json.dumps(data, indent=indent))

@@ -88,7 +88,9 @@ class TrainingConfig:
     per step (teacher 5.84 vs 5.54 after 600 steps), so it is off by default.
     ``on_nonfinite``: a NaN or infinite loss or gradient norm stops the run
     before the update (``"stop"``), keeping the last checkpoint, or skips
-    that update (``"skip"``, counted in the trainer state and logged)."""
+    that update (``"skip"``, counted in the trainer state and logged).
+    ``keep_checkpoints``: the newest checkpoints kept; resuming falls back
+    to an older one when the newest cannot be loaded."""
 
     epochs: float = 1.0
     max_steps: int = 0
@@ -109,6 +111,7 @@ class TrainingConfig:
     save_every: int = 0
     log_every: int = 10
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    keep_checkpoints: int = 2
 
 
 @dataclass

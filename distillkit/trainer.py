@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import resource
 import shutil
 import time
@@ -32,9 +34,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from distillkit.batch import TokenizedExample, TrainBatch, collate
+from distillkit.cache import write_text_atomic
 from distillkit.components import Method
 from distillkit.config import RunConfig, TrainingConfig, to_dict
 from distillkit.errors import DistillkitError
@@ -43,11 +47,16 @@ from distillkit.models import save_model
 from distillkit.registry import registry
 from distillkit.run import Run
 from distillkit.sampling import settings_from
+from distillkit.state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 STATE_FILE = "trainer_state.json"
+RUN_STATE = "run_state"  # distillkit's own state per process: run_state_RANK.{safetensors,json}
+# recipe and manifest keys that may change when a run is resumed (they change no update done so far)
+RESUMABLE = ("training.max_steps", "training.epochs", "total_steps", "training.eval_every", "training.save_every",
+             "training.log_every", "training.keep_checkpoints", "training.on_nonfinite", "generation.batch_size")
 
 
 @dataclass
@@ -62,6 +71,16 @@ class TrainerState:
     generated_tokens: int = 0  # tokens sampled by the run (pseudo-targets, all processes), see Run.sample
     peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the (main) process
     skipped_updates: int = 0  # stage updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys at which two JSON values differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new)):
+            found.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return found
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -172,6 +191,7 @@ class Trainer:
         self._setup_optimizers(student)
         self._report_parameters()
         self._resume_or_start(resume)
+        self.accelerator.wait_for_everyone()  # every process has checked the folder before any writes to it
 
     # --- setup -------------------------------------------------------------
 
@@ -242,13 +262,16 @@ class Trainer:
         self.run.student = prepared[0]
         self.optimizers.update(zip(prepared_groups, prepared[1 : 1 + len(prepared_groups)]))
         self.schedulers.update(zip(prepared_groups, prepared[1 + len(prepared_groups) :]))
-        extra_modules = [item for g in groups if g not in prepared_groups
-                         for item in (self.optimizers[g], self.schedulers[g])]
-        extra_modules += getattr(self.run.teacher, "checkpoint_modules", lambda: [])()
+        # what accelerate does not checkpoint, saved by distillkit as safetensors + JSON (no pickle)
+        self.state_owners: dict[str, Any] = {}
+        for group in groups:
+            if group not in prepared_groups:
+                self.state_owners[f"optimizer/{group}"] = self.optimizers[group]
+                self.state_owners[f"scheduler/{group}"] = self.schedulers[group]
+        for index, module in enumerate(getattr(self.run.teacher, "checkpoint_modules", lambda: [])()):
+            self.state_owners[f"teacher_adapter/{index}"] = module
         if hasattr(self.source, "state_dict"):
-            extra_modules = [*extra_modules, self.source]
-        for module in extra_modules:
-            self.accelerator.register_for_checkpointing(module)
+            self.state_owners["source"] = self.source
 
     def _report_parameters(self) -> None:
         """Log what trains, e.g. ``teacher_adapter: 1,792 (7 x 256)`` for a soft prompt."""
@@ -264,29 +287,81 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (``step-NNNNNNN`` folders with a trainer state), oldest first;
+        never a leftover ``step-N.tmp``."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoint_dir.iterdir()
+                      if re.fullmatch(r"step-\d{7}", p.name) and (p / STATE_FILE).is_file())
+
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / STATE_FILE).is_file())
+        done = self.checkpoints()
         return done[-1] if done else None
 
     def _resume_or_start(self, resume: bool) -> None:
         latest = self.latest_checkpoint()
-        if latest is not None and not resume:
+        leftovers = [p.name for p in (self.output_dir / "run.json", self.output_dir / "metrics.jsonl") if p.exists()]
+        if not resume and (latest is not None or leftovers):
+            held = f"checkpoint {latest.name}" if latest else f"{', '.join(leftovers)} of a run without a checkpoint"
             raise DistillkitError(
-                f"{self.output_dir} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
-                "or choose another --output"
-            )
+                f"{self.output_dir} already holds a run ({held}); pass --resume to continue it or choose another "
+                "--output")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.output_dir / "run.json"
+        if manifest.is_file():
+            self._check_same_run(json.loads(manifest.read_text(encoding="utf-8")))
         if latest is None:
             if resume:
                 log.info("no checkpoint in %s: starting from step 0", self.output_dir)
+            self._truncate_metrics(0)
             return
-        self.accelerator.load_state(str(latest))
-        self.state = TrainerState(**json.loads((latest / STATE_FILE).read_text()))
+        for checkpoint in reversed(self.checkpoints()):
+            try:
+                self._load_checkpoint(checkpoint)
+                break
+            except (DistillkitError, OSError, ValueError, RuntimeError, KeyError, TypeError,
+                    pickle.UnpicklingError, SafetensorError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                log.warning("checkpoint %s cannot be loaded (%s); trying the one before", checkpoint.name, reason)
+        else:
+            raise DistillkitError(f"no checkpoint in {self.checkpoint_dir} can be loaded (see the warnings); "
+                                  "start a new run with another --output")
+        self._truncate_metrics(self.state.step)
+        log.info("resumed from %s (step %d)", checkpoint, self.state.step)
+
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore weights, optimizers, schedulers and RNG states (accelerate,
+        which unpickles only with ``weights_only=True``), distillkit's own run
+        state (safetensors + JSON) and the trainer state from ``checkpoint``."""
+        self.accelerator.load_state(str(checkpoint))
+        extra = load_state(checkpoint / f"{RUN_STATE}_{self.accelerator.process_index}")
+        for name, owner in self.state_owners.items():
+            owner.load_state_dict(extra[name])
+        self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
         self.run.step = self.state.step
         if self.accelerator.is_main_process:  # the state holds the sum over processes
-            self.run.generated_tokens += self.state.generated_tokens
-        self._truncate_metrics(self.state.step)
-        log.info("resumed from %s (step %d)", latest, self.state.step)
+            self.run.generated_tokens = self.state.generated_tokens
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``run.json`` records: the method, the resolved recipe, options and training settings."""
+        manifest = {"method": self.method.name, "recipe": to_dict(self.config.recipe),
+                    "options": to_dict(self.config.options), "training": to_dict(self.training),
+                    "total_steps": self.run.total_steps,
+                    "trainable_parameters": {g: sum(p.numel() for p in self._parameters(g)) for g in self.optimizers}}
+        return json.loads(json.dumps(manifest))  # as read back (tuples become lists)
+
+    def _check_same_run(self, recorded: dict[str, Any]) -> None:
+        """Refuse to continue a run folder made by another method or recipe;
+        the keys of :data:`RESUMABLE` may change."""
+        changed = [key for key, (old, new) in _differences(recorded, self.manifest()).items()
+                   if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)]
+        if changed:
+            old, new = _differences(recorded, self.manifest())[changed[0]]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise DistillkitError(
+                f"{self.output_dir} holds another run: {changed[0]} is {old!r} there, {new!r} now{more}; resume "
+                f"with its settings or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
 
     # --- data --------------------------------------------------------------
 
@@ -538,19 +613,15 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric records written after the checkpoint we resume from."""
+        """Drop metric records written after the checkpoint we resume from (atomically)."""
         path = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _write_manifest(self) -> None:
         if self.accelerator.is_main_process:
-            manifest = {"method": self.method.name, "recipe": to_dict(self.config.recipe),
-                        "options": to_dict(self.config.options), "training": to_dict(self.training),
-                        "total_steps": self.run.total_steps,
-                        "trainable_parameters": {g: sum(p.numel() for p in self._parameters(g)) for g in self.optimizers}}
-            (self.output_dir / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            write_text_atomic(self.output_dir / "run.json", json.dumps(self.manifest(), indent=2) + "\n")
 
     def _atomic_dir(self, final: Path, write: Any) -> None:
         """Write into ``final.tmp`` then swap it in, so a killed run never
@@ -594,12 +665,13 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        save_state({name: owner.state_dict() for name, owner in self.state_owners.items()},
+                   tmp / f"{RUN_STATE}_{self.accelerator.process_index}")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(self.state.__dict__, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in self.checkpoint_dir.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+            for old in self.checkpoints()[: -max(self.training.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()

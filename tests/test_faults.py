@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,100 @@ def test_a_nan_validation_score_never_becomes_best(recipe_file, tmp_path, monkey
           overrides=["training.select_by=loss"])
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
     assert best["step"] == 4 and math.isfinite(best["loss"])  # before: NaN at step 2 stayed "best" forever
+
+
+# --- run folders: no code from a run folder, no mix-ups (issue 13, items 1 and 3) -----
+
+
+class _SideEffect:
+    """A pickle that creates a file when it is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in _records(run_dir) if "val/rougeL" not in r]
+
+
+def test_a_pickle_in_a_run_folder_never_runs(recipe_file, tmp_path, caplog):
+    import pickle
+
+    recipe, run = str(recipe_file(steps=4, eval_every=2)), tmp_path / "run"
+    train("promptkd", recipe, output=run)
+    latest = run / "checkpoints" / "step-0000004"
+    assert not [p for p in latest.iterdir() if p.name.startswith("custom_checkpoint")]  # no pickled run state
+    marker = tmp_path / "pwned"
+    for name in ("random_states_0.pkl", "optimizer.bin"):
+        (latest / name).write_bytes(pickle.dumps(_SideEffect(marker)))
+    train("promptkd", recipe, output=run, resume=True, max_steps=6)
+    assert not marker.exists()
+    assert "step-0000004 cannot be loaded" in caplog.text  # refused, resumed from step 2
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(recipe_file, tmp_path, caplog):
+    recipe, run = str(recipe_file(steps=4, eval_every=2)), tmp_path / "run"
+    train("kd", recipe, output=run)
+    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    train("kd", recipe, output=run, resume=True, max_steps=5)
+    assert "step-0000004 cannot be loaded" in caplog.text
+    assert _steps(run) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
+def test_a_leftover_tmp_checkpoint_is_never_taken(recipe_file, tmp_path):
+    import shutil
+
+    recipe, run = str(recipe_file(steps=2, eval_every=2)), tmp_path / "run"
+    train("kd", recipe, output=run)
+    leftover = run / "checkpoints" / "step-0000009.tmp"
+    shutil.copytree(run / "checkpoints" / "step-0000002", leftover)
+    train("kd", recipe, output=run, resume=True, max_steps=3)
+    assert _steps(run) == [1, 2, 3]  # resumed from step 2, not "9"
+
+
+@pytest.mark.parametrize(("method", "overrides", "differs"), [
+    ("kd", [], "method is 'sft' there, 'kd' now"),
+    ("sft", ["training.lr=0.5"], "training.lr is 0.01 there, 0.5 now"),
+])
+def test_resume_refuses_another_method_or_recipe(recipe_file, tmp_path, method, overrides, differs):
+    recipe, run = str(recipe_file(steps=2, eval_every=2)), tmp_path / "run"
+    train("sft", recipe, output=run)
+    manifest = (run / "run.json").read_text()
+    with pytest.raises(DistillkitError, match=re.escape(differs)):
+        train(method, recipe, output=run, resume=True, overrides=overrides)
+    assert (run / "run.json").read_text() == manifest  # untouched
+
+
+def test_resume_may_change_the_step_budget(recipe_file, tmp_path):
+    recipe, run = str(recipe_file(steps=2, eval_every=2)), tmp_path / "run"
+    train("sft", recipe, output=run)
+    train("sft", recipe, output=run, resume=True, overrides=["training.max_steps=3", "training.log_every=2"])
+    assert json.loads((run / "run.json").read_text())["training"]["max_steps"] == 3
+
+
+def test_a_folder_without_a_checkpoint_is_not_reused_silently(recipe_file, tmp_path, monkeypatch):
+    """Killed while writing the first checkpoint: the folder holds run.json and
+    metrics but no checkpoint; a plain run refuses it, --resume starts over
+    without duplicating metric records."""
+    from distillkit.trainer import Trainer
+
+    recipe, run = str(recipe_file(steps=3, eval_every=3)), tmp_path / "run"
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", recipe, output=run)
+    monkeypatch.undo()
+    assert _steps(run) == [1, 2, 3] and not (run / "checkpoints").exists()
+    with pytest.raises(DistillkitError, match=r"of a run without a checkpoint\); pass --resume"):
+        train("sft", recipe, output=run)
+    train("sft", recipe, output=run, resume=True)
+    assert _steps(run) == [1, 2, 3]
