@@ -3,11 +3,18 @@ teacher generations), keyed by a hash of everything that determines them."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "DISTILLKIT_CACHE_DIR"
 
@@ -47,3 +54,36 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
     """:func:`write_text_atomic` of ``data`` as JSON."""
     write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``path.lock`` (``flock``, released when the
+    holder exits or dies), so that two runs never prepare the same cached
+    artefact at once; the second waits, then finds it done."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is preparing %s", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def publish_dir(scratch: Path, target: Path) -> None:
+    """Move the finished folder ``scratch`` to ``target`` in one rename; when
+    another process published ``target`` first, keep theirs."""
+    try:
+        scratch.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

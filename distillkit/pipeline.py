@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from accelerate import PartialState
 from rich.console import Console
 
 from distillkit import __version__
-from distillkit.cache import cache_root, fingerprint
+from distillkit.cache import cache_root, exclusive, fingerprint, publish_dir
 from distillkit.config import (
     ModelConfig,
     Recipe,
@@ -64,7 +65,10 @@ def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
                      len(examples))
             tokenizer = train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples),
                                             settings.train_vocab_size)
-            tokenizer.save_pretrained(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            tokenizer.save_pretrained(scratch)
+            publish_dir(scratch, folder)
         return load_tokenizer(str(folder)), f"bpe-{key}"
     path = settings.path or recipe.teacher.path or recipe.student.path
     if path is None:
@@ -133,15 +137,21 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
                       to_dict(session.recipe.generation), __version__)
     folder = cache_root() / "models" / f"{session.recipe.name}-{role}-sft-{key}"
     best = folder / "best"
-    if not (folder / "DONE").is_file():
-        session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
-        model = load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher)
-        check_length(model, session.recipe.data.max_length, role)
-        config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
-                           training=training)
-        Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
-                resume=True, console=session.console).fit()
-        (folder / "DONE").write_text("complete\n")
+    state = PartialState(cpu=cpu_processes())
+    # one run prepares it at a time (its main process holds the lock; its other processes train along)
+    with exclusive(folder, enabled=state.is_main_process):
+        state.wait_for_everyone()
+        if not (folder / "DONE").is_file():
+            session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
+            model = load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher)
+            check_length(model, session.recipe.data.max_length, role)
+            config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
+                               training=training)
+            Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
+                    resume=True, console=session.console).fit()
+            if state.is_main_process:
+                (folder / "DONE").write_text("complete\n")
+        state.wait_for_everyone()
     model_spec = dataclasses.replace(spec, path=str(best), config=None, gguf_file=None, sft=None, init_from=None,
                                      num_layers=None)
     return load_model(model_spec, session.tokenizer, role), best

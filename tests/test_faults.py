@@ -187,3 +187,24 @@ def test_a_folder_without_a_checkpoint_is_not_reused_silently(recipe_file, tmp_p
         train("sft", recipe, output=run)
     train("sft", recipe, output=run, resume=True)
     assert _steps(run) == [1, 2, 3]
+
+
+def test_two_runs_preparing_the_same_cache_at_once_share_it(recipe_file, tmp_path):
+    """Two `distillkit train` processes start together on an empty cache: one
+    trains the tokenizer and the teacher, the other waits and reuses them."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = str(recipe_file(steps=2, eval_every=2))
+    env = {**os.environ, "DISTILLKIT_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "distillkit", "train", "--method", "kd", "--recipe", recipe]
+    runs = [subprocess.Popen([*command, "--output", str(tmp_path / f"run{i}")], env=env, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    teachers = [p for p in (tmp_path / "cache" / "models").glob("*-teacher-sft-*") if p.is_dir()]
+    assert len(teachers) == 1 and (teachers[0] / "DONE").is_file()
+    assert sum("preparing the teacher" in e for e in errors) == 1  # prepared once, reused by the other run
+    weights = [load_file(tmp_path / f"run{i}" / "teacher" / "model.safetensors") for i in range(2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
