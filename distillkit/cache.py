@@ -58,14 +58,14 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> No
 
 @contextlib.contextmanager
 def exclusive(path: Path, *, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on ``path.lock`` (``flock``, released when the
-    holder exits or dies), so that two runs never prepare the same cached
-    artefact at once; the second waits, then finds it done."""
+    """Hold an exclusive lock on ``.NAME.lock`` beside ``path`` (``flock``,
+    released when the holder exits or dies), so that two runs never prepare
+    the same cached artefact at once; the second waits, then finds it done."""
     if not enabled:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

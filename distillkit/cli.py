@@ -35,6 +35,12 @@ def _setup_logging() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _at_least(option: str, value: int, minimum: int, meaning: str = "") -> None:
+    """A one-line error for a count option below ``minimum``."""
+    if value < minimum:
+        raise DistillkitError(f"{option} must be >= {minimum}{meaning}, got {value}")
+
+
 def _fail(error: DistillkitError) -> None:
     err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -139,6 +145,8 @@ def eval_(
     sets = _names(data)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
+        _at_least("--limit", limit, 0, " (0: all)")
+        _at_least("--batch-size", batch_size, 0, " (0: the recipe's)")
         seed_list = _seed_list(seeds) if seeds else recipe_seeds(model)
         with Progress(*columns, console=err) as progress:
             task = progress.add_task(f"eval {', '.join(sets)}", total=None)
@@ -198,6 +206,7 @@ def bench(
     from distillkit.config import load_recipe
 
     try:
+        _at_least("--limit", limit, 0, " (0: all)")
         loaded = load_recipe(recipe, set_ or [])
         config = BenchConfig(recipe, _names(methods), _names(data),
                              _seed_list(seeds) if seeds else list(loaded.eval.seeds),
@@ -235,6 +244,8 @@ def exposure_bias(
 
     labels = label or [folder.name for folder in student]
     try:
+        _at_least("--limit", limit, 0, " (0: all)")
+        _at_least("--batch-size", batch_size, 0, " (0: the teacher run's)")
         if len(labels) != len(student) or len(set(labels)) < len(labels):
             raise DistillkitError(f"labels {labels} for {len(student)} --student folder(s); "
                                   "give one distinct --label per --student")

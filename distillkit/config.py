@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, OptionError, require
 from distillkit.registry import did_you_mean, registry
 
 
@@ -78,6 +79,12 @@ class DataConfig:
     train_limit: int = 0
     split_seed: int = 42
 
+    def __post_init__(self) -> None:
+        require(self.max_length >= 2, "max_length", "be at least 2", self.max_length)
+        require(0 < self.max_prompt_length < self.max_length, "max_prompt_length",
+                f"be between 1 and max_length - 1 ({self.max_length - 1})", self.max_prompt_length)
+        require(self.train_limit >= 0, "train_limit", "be >= 0 (0: all)", self.train_limit)
+
 
 @dataclass
 class TrainingConfig:
@@ -113,6 +120,20 @@ class TrainingConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     keep_checkpoints: int = 2
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
+            require(getattr(self, name) >= 1, name, "be >= 1", getattr(self, name))
+        for name in ("max_steps", "warmup_steps", "eval_every", "eval_limit", "save_every"):
+            require(getattr(self, name) >= 0, name, "be >= 0 (0: the default)", getattr(self, name))
+        require(math.isfinite(self.epochs) and self.epochs > 0, "epochs", "be a positive number", self.epochs)
+        require(math.isfinite(self.lr) and self.lr >= 0, "lr", "be a finite number >= 0", self.lr)
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "be >= 0",
+                self.weight_decay)
+        require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm",
+                "be >= 0 (0: no clipping)", self.max_grad_norm)
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+                "be two numbers in [0, 1)", self.adam_betas)
+
 
 @dataclass
 class GenerationConfig:
@@ -124,6 +145,15 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 0
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "be >= 0 (0: greedy)",
+                self.temperature)
+        require(self.top_k >= 0, "top_k", "be >= 0 (0: off)", self.top_k)
+        require(0 < self.top_p <= 1, "top_p", "be in (0, 1]", self.top_p)
+        require(self.max_new_tokens >= 0, "max_new_tokens", "be >= 0 (0: up to data.max_length)",
+                self.max_new_tokens)
+        require(self.batch_size >= 1, "batch_size", "be >= 1", self.batch_size)
 
 
 @dataclass
@@ -139,6 +169,14 @@ class EvalConfig:
     no_repeat_ngram_size: int = 6
     limit: int = 0
     max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        require(len(self.seeds) > 0, "seeds", "list at least one seed", self.seeds)
+        require(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "be >= 0 (0: off)",
+                self.no_repeat_ngram_size)
+        require(self.limit >= 0, "limit", "be >= 0 (0: all)", self.limit)
+        require(self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens",
+                "be >= 0 (0: up to data.max_length) or unset", self.max_new_tokens)
 
 
 @dataclass
@@ -209,7 +247,13 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = float(value) if annotation is float else value
         else:
             raise DistillkitError(f"'{path}' must be {_describe(annotation)}, got {value!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OptionError as err:  # the dataclass's own checks
+        key = f"{where}.{err.field}" if where else err.field
+        raise DistillkitError(f"'{key}' {err.problem}; change it in the recipe or with --set {key}=...") from None
+    except ValueError as err:
+        raise DistillkitError(f"'{where}': {err}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -238,8 +282,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
+    except UnicodeDecodeError as err:
+        raise DistillkitError(f"recipe file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
-        raise DistillkitError(f"recipe file {path} is not valid TOML: {err}") from err
+        raise DistillkitError(f"recipe file {path} is not valid TOML: {err}") from None
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -276,7 +322,11 @@ def load_raw_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str,
     raw.setdefault("name", path.stem)
     parent = raw.pop("extends", None)
     if parent is not None:
-        raw = _merge(load_raw_recipe(parent, (*_seen, str(path))), raw)
+        try:
+            base = load_raw_recipe(parent, (*_seen, str(path)))
+        except DistillkitError as err:
+            raise DistillkitError(f"{path} extends '{parent}': {err}") from None
+        raw = _merge(base, raw)
     return raw
 
 
@@ -321,6 +371,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
                 f"recipe section 'methods.{name}' names no registered method{did_you_mean(name, methods.names())}; "
                 f"registered: {', '.join(methods.names())}"
             )
+        resolve_run(recipe, name)  # every method section is checked now, not when that method first runs
     return recipe
 
 

@@ -22,7 +22,7 @@ from distillkit.batch import TokenizedExample
 from distillkit.components import DataFormat, DatasetSpec, InstructionExample
 from distillkit.config import DataConfig
 from distillkit.errors import DatasetUnavailable, DistillkitError
-from distillkit.registry import registry
+from distillkit.registry import did_you_mean, registry
 
 log = logging.getLogger(__name__)
 
@@ -129,46 +129,79 @@ def vicuna_row(row: dict[str, Any], origin: str) -> InstructionExample:
 
 
 def read_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """Yield ``(row, origin)`` from a JSONL, JSON or parquet file."""
+    """Yield ``(row, origin)`` from a JSONL, JSON or parquet file; a file
+    without rows, bytes that are not UTF-8 and rows that are not objects are
+    one-line errors naming the file and line."""
     if not path.is_file():
         raise DistillkitError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    count = 0
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DistillkitError(
-                        f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); fix or delete that line"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DistillkitError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-                yield row, f"{path}:{number}"
+        for number, line in _utf8_lines(path):
+            if not line.strip():
+                continue
+            if number == 1 and line.lstrip().startswith("[") and not _is_json(line):
+                raise DistillkitError(f"{path} holds a JSON array, not one object per line; rename it to .json "
+                                      "or write one object per line")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DistillkitError(
+                    f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); fix or delete that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise DistillkitError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            count += 1
+            yield row, f"{path}:{number}"
     elif suffix == ".json":
         rows = _load_json(path)
         rows = [rows] if isinstance(rows, dict) else rows
         if not isinstance(rows, list):
             raise DistillkitError(f"{path}: expected a JSON list of objects or one object")
         for number, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DistillkitError(f"{path}[{number}]: expected a JSON object, got {type(row).__name__}")
+            count += 1
             yield row, f"{path}[{number}]"
     elif suffix == ".parquet":
         import datasets
 
         for number, row in enumerate(datasets.Dataset.from_parquet(str(path))):
+            count += 1
             yield row, f"{path}[{number}]"
     else:
         raise DistillkitError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json or .parquet")
+    if count == 0:
+        raise DistillkitError(f"{path} holds no rows; point the recipe at a file with examples")
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file; other bytes are an error naming the line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DistillkitError(f"{path}:{number}: bytes that are not UTF-8 (column {err.start + 1}); "
+                                      "re-save the file as UTF-8") from None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _load_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DistillkitError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    text = "".join(line for _, line in _utf8_lines(path))
+    if not text.strip():
+        raise DistillkitError(f"{path} holds no rows; point the recipe at a file with examples")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DistillkitError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
 
 VICUNA_ANSWERS = "answer_gpt35.jsonl"
@@ -402,6 +435,10 @@ def load_eval_set(name_or_path: str) -> list[InstructionExample]:
     the dataset's reference-length filter (:func:`keep_long_references`)."""
     if Path(name_or_path).is_file():
         return parse_rows(read_rows(Path(name_or_path)), "auto")
+    names = registry().datasets.names()
+    if name_or_path not in names and "/" not in name_or_path:  # neither a registered set, a file nor a hub id
+        raise DistillkitError(f"unknown test set '{name_or_path}'{did_you_mean(name_or_path, names)}; registered: "
+                              f"{', '.join(names)}; or pass a .jsonl/.json/.parquet file")
     return load_split(DataConfig(dataset=name_or_path), "test")
 
 

@@ -15,3 +15,20 @@ class DatasetUnavailable(DistillkitError):
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"dataset '{name}' is not available: {reason}")
         self.reason = reason
+
+
+class OptionError(ValueError):
+    """An option value out of its range, raised by a config or options
+    dataclass's ``__post_init__`` (see :func:`require`); recipe loading turns
+    it into a :class:`DistillkitError` naming the recipe key."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def require(ok: bool, field: str, rule: str, value: object) -> None:
+    """Raise :class:`OptionError` ``FIELD must RULE, got VALUE`` unless ``ok``
+    (for the ``__post_init__`` checks of config and options dataclasses)."""
+    if not ok:
+        raise OptionError(field, f"must {rule}, got {value!r}")

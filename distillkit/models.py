@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from distillkit.cache import cache_root, fingerprint
@@ -160,15 +161,32 @@ def materialize_gguf(path: str, gguf_file: str, dtype: str = "float32") -> Path:
     return target
 
 
+def check_local_path(path: str, key: str) -> None:
+    """A path that cannot be a hub id (``name`` or ``namespace/name``: it is
+    absolute, relative or has two or more slashes) and does not exist is an
+    error naming the recipe ``key``, not a failed hub look-up."""
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if local and not Path(path).expanduser().exists():
+        raise DistillkitError(f"{path} does not exist; check '{key}' (a local path, not a hub id)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+
 def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer at ``path`` (``package:NAME`` allowed); with ``gguf_file``,
     from the GGUF cache folder when the model was cached, else read from the
     GGUF file."""
+    check_local_path(path, "tokenizer.path")
     source = resolve_path(path)
     if gguf_file is not None:
         cached = cached_gguf_folder(path, gguf_file)
         if cached is not None:
             source, gguf_file = str(cached), None
+    folder = Path(source)
+    if gguf_file is None and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DistillkitError(f"folder '{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                              "tokenizer there or set tokenizer.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except ImportError as err:  # reading a GGUF file needs the gguf package
@@ -242,6 +260,7 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelCo
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
     else:
+        check_local_path(spec.path, f"{role}.path")
         source = resolve_path(spec.path)
         if spec.gguf_file is not None:
             source = str(materialize_gguf(spec.path, spec.gguf_file, spec.dtype))
@@ -249,8 +268,9 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelCo
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code,
             )
-        except (OSError, ValueError) as err:
-            raise DistillkitError(f"cannot load {role} from '{spec.path}': {str(err).splitlines()[0]}") from None
+        except (OSError, ValueError, SafetensorError) as err:
+            damaged = "; a weights file is damaged or truncated, copy it again" if isinstance(err, SafetensorError) else ""
+            raise DistillkitError(f"cannot load {role} from '{spec.path}': {str(err).splitlines()[0]}{damaged}") from None
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise DistillkitError(

@@ -42,7 +42,7 @@ from distillkit.models import (
     train_bpe_tokenizer,
 )
 from distillkit.registry import registry
-from distillkit.trainer import Trainer, check_launch_layout, cpu_processes
+from distillkit.trainer import Trainer, check_launch_layout, check_run_folder, cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,11 @@ def train(
     recipe = load_recipe(recipe_name, overrides)
     config = resolve_run(recipe, method_name)
     if max_steps is not None:
+        if max_steps < 0:
+            raise DistillkitError(f"--max-steps must be >= 0 (0: the recipe's epochs), got {max_steps}")
         config.training.max_steps = max_steps
     output = output or Path("runs") / recipe.name / method_name
+    check_run_folder(output, config, resume=resume)  # before any model is loaded
     session = open_session(recipe, console)
     teacher, teacher_dir = (None, None) if method.teacher is None else prepared_model(session, "teacher")
     if config.student_init == "sft":

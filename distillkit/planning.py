@@ -330,7 +330,7 @@ def path_config(spec: ModelConfig, role: str) -> tuple[Any, str]:
     """(transformers config, where it came from) of a path-loaded model, offline."""
     from transformers import AutoConfig
 
-    from distillkit.models import cached_gguf_folder, resolve_path
+    from distillkit.models import cached_gguf_folder, check_local_path, resolve_path
 
     folder = resolve_path(spec.path)
     if spec.gguf_file is not None:
@@ -342,8 +342,7 @@ def path_config(spec: ModelConfig, role: str) -> tuple[Any, str]:
         if not (Path(folder) / "config.json").is_file():
             raise DistillkitError(f"the {role} folder {folder} has no config.json")
         return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code), f"{folder}/config.json"
-    if folder.startswith(("/", ".", "~")) or folder.count("/") > 1:  # a local path, not a hub id
-        raise DistillkitError(f"the {role} folder {folder} does not exist; check '{role}.path'")
+    check_local_path(folder, f"{role}.path")
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=spec.trust_remote_code)
         return config, "Hugging Face cache"

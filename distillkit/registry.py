@@ -26,7 +26,7 @@ from distillkit.components import (
     SourceFactory,
     TeacherAdapterFactory,
 )
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, OptionError
 
 ENTRY_POINT_GROUP = "distillkit"
 
@@ -89,6 +89,12 @@ class Category(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self.entries)
+
+    def require(self, name: str, field: str) -> None:
+        """For an options check: raise :class:`OptionError` unless ``name`` is registered here."""
+        if name not in self.entries:
+            raise OptionError(field, f"must name a registered {self.kind} ({', '.join(sorted(self.entries))}), "
+                                     f"got {name!r}{did_you_mean(name, self.entries)}")
 
 
 class Registry:

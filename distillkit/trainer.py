@@ -55,7 +55,7 @@ LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_wi
 STATE_FILE = "trainer_state.json"
 RUN_STATE = "run_state"  # distillkit's own state per process: run_state_RANK.{safetensors,json}
 # recipe and manifest keys that may change when a run is resumed (they change no update done so far)
-RESUMABLE = ("training.max_steps", "training.epochs", "total_steps", "training.eval_every", "training.save_every",
+RESUMABLE = ("training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
              "training.log_every", "training.keep_checkpoints", "training.on_nonfinite", "generation.batch_size")
 
 
@@ -81,6 +81,48 @@ def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, A
             found.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
         return found
     return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The method, resolved recipe, options and training settings of a run, as ``run.json`` stores them."""
+    settings = {"method": config.method, "recipe": to_dict(config.recipe), "options": to_dict(config.options),
+                "training": to_dict(config.training)}
+    return json.loads(json.dumps(settings))  # as read back (tuples become lists)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (``step-NNNNNNN`` folders with a trainer
+    state), oldest first; never a leftover ``step-N.tmp``."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d{7}", p.name) and (p / STATE_FILE).is_file())
+
+
+def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Path | None:
+    """Before any model is loaded: refuse a folder that holds a run unless
+    ``resume``, and a run made by another method or recipe (the keys of
+    :data:`RESUMABLE` may change).  Returns the latest complete checkpoint."""
+    done = complete_checkpoints(output_dir)
+    leftovers = [p.name for p in (output_dir / "run.json", output_dir / "metrics.jsonl") if p.exists()]
+    if not resume and (done or leftovers):
+        held = f"checkpoint {done[-1].name}" if done else f"{', '.join(leftovers)} of a run without a checkpoint"
+        raise DistillkitError(f"{output_dir} already holds a run ({held}); pass --resume to continue it or choose "
+                              "another --output")
+    manifest = output_dir / "run.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        recorded = {key: recorded.get(key) for key in ("method", "recipe", "options", "training")}
+        differences = _differences(recorded, run_settings(config))
+        changed = [key for key in differences
+                   if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)]
+        if changed:
+            old, new = differences[changed[0]]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise DistillkitError(
+                f"{output_dir} holds another run: {changed[0]} is {old!r} there, {new!r} now{more}; resume with "
+                f"its settings or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
+    return done[-1] if done else None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -288,29 +330,15 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints (``step-NNNNNNN`` folders with a trainer state), oldest first;
-        never a leftover ``step-N.tmp``."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.iterdir()
-                      if re.fullmatch(r"step-\d{7}", p.name) and (p / STATE_FILE).is_file())
+        return complete_checkpoints(self.output_dir)
 
     def latest_checkpoint(self) -> Path | None:
         done = self.checkpoints()
         return done[-1] if done else None
 
     def _resume_or_start(self, resume: bool) -> None:
-        latest = self.latest_checkpoint()
-        leftovers = [p.name for p in (self.output_dir / "run.json", self.output_dir / "metrics.jsonl") if p.exists()]
-        if not resume and (latest is not None or leftovers):
-            held = f"checkpoint {latest.name}" if latest else f"{', '.join(leftovers)} of a run without a checkpoint"
-            raise DistillkitError(
-                f"{self.output_dir} already holds a run ({held}); pass --resume to continue it or choose another "
-                "--output")
+        latest = check_run_folder(self.output_dir, self.config, resume=resume)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        manifest = self.output_dir / "run.json"
-        if manifest.is_file():
-            self._check_same_run(json.loads(manifest.read_text(encoding="utf-8")))
         if latest is None:
             if resume:
                 log.info("no checkpoint in %s: starting from step 0", self.output_dir)
@@ -344,24 +372,9 @@ class Trainer:
             self.run.generated_tokens = self.state.generated_tokens
 
     def manifest(self) -> dict[str, Any]:
-        """What ``run.json`` records: the method, the resolved recipe, options and training settings."""
-        manifest = {"method": self.method.name, "recipe": to_dict(self.config.recipe),
-                    "options": to_dict(self.config.options), "training": to_dict(self.training),
-                    "total_steps": self.run.total_steps,
-                    "trainable_parameters": {g: sum(p.numel() for p in self._parameters(g)) for g in self.optimizers}}
-        return json.loads(json.dumps(manifest))  # as read back (tuples become lists)
-
-    def _check_same_run(self, recorded: dict[str, Any]) -> None:
-        """Refuse to continue a run folder made by another method or recipe;
-        the keys of :data:`RESUMABLE` may change."""
-        changed = [key for key, (old, new) in _differences(recorded, self.manifest()).items()
-                   if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)]
-        if changed:
-            old, new = _differences(recorded, self.manifest())[changed[0]]
-            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise DistillkitError(
-                f"{self.output_dir} holds another run: {changed[0]} is {old!r} there, {new!r} now{more}; resume "
-                f"with its settings or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
+        """What ``run.json`` records: :func:`run_settings` plus K and the trainable parameter counts."""
+        trainable = {g: sum(p.numel() for p in self._parameters(g)) for g in self.optimizers}
+        return {**run_settings(self.config), "total_steps": self.run.total_steps, "trainable_parameters": trainable}
 
     # --- data --------------------------------------------------------------
 

@@ -25,6 +25,8 @@ import torch
 from distillkit import hookimpl
 from distillkit.batch import TrainBatch
 from distillkit.components import Method, Stage
+from distillkit.errors import require
+from distillkit.registry import registry
 from distillkit.run import Run
 
 
@@ -36,6 +38,12 @@ class GKDOptions:
     loss_temperature: float = 1.0  # softmax temperature of the loss (TRL: 1.0); sampling: generation.temperature
     student_dropout: bool = False  # TRL: disable_dropout = True
     capped_ending: Literal["open", "eos"] = "open"  # a student sample cut at its limit (TRL: left open)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.on_policy_fraction <= 1, "on_policy_fraction", "be in [0, 1]", self.on_policy_fraction)
+        require(0 <= self.beta <= 1, "beta", "be in [0, 1]", self.beta)
+        require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
+        registry().schedules.require(self.on_policy_schedule, "on_policy_schedule")
 
 
 def gkd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ import torch
 from distillkit import hookimpl
 from distillkit.batch import TrainBatch
 from distillkit.components import Method, Stage
+from distillkit.errors import require
+from distillkit.registry import registry
 from distillkit.run import Run
 
 
@@ -25,6 +27,11 @@ class KDOptions:
     kd_ratio: float = 0.5
     loss_temperature: float = 1.0
     divergence: str = "forward_kl"
+
+    def __post_init__(self) -> None:
+        require(0 <= self.kd_ratio <= 1, "kd_ratio", "be in [0, 1]", self.kd_ratio)
+        require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
+        registry().divergences.require(self.divergence, "divergence")
 
 
 def kd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from distillkit import hookimpl
 from distillkit.batch import RolloutBatch
 from distillkit.components import Method, Stage
 from distillkit.divergences import log_mixture, masked_token_logprobs
+from distillkit.errors import require
 from distillkit.run import Run
 
 
@@ -50,6 +51,16 @@ class MiniLLMOptions(KDOptions):  # kd_ratio, loss_temperature, divergence: the 
     single_step: bool = True
     lm_coef: float = 1.0
     keep_teacher_logits: bool = True  # False: recompute the teacher per minibatch (less memory)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("rollout_size", "ppo_epochs"):
+            require(getattr(self, name) >= 1, name, "be >= 1", getattr(self, name))
+        for name in ("teacher_mix", "gamma"):
+            require(0 <= getattr(self, name) <= 1, name, "be in [0, 1]", getattr(self, name))
+        for name in ("clip_ratio", "reward_scaling", "reward_clip"):
+            require(getattr(self, name) > 0, name, "be > 0", getattr(self, name))
+        require(self.lm_coef >= 0, "lm_coef", "be >= 0", self.lm_coef)
 
 
 def rewards(batch: RolloutBatch, opts: MiniLLMOptions) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 from distillkit import hookimpl
 from distillkit.batch import TrainBatch
 from distillkit.components import Method, Stage
+from distillkit.errors import require
+from distillkit.registry import registry
 from distillkit.run import Run
 
 DIRECTIONS = {"reverse": "reverse_kl", "forward": "forward_kl"}
@@ -47,6 +49,14 @@ class PromptKDOptions:
     reg_schedule: str = "linear"  # c_k; "linear" is (K - k) / K
     teacher_dropout_in_prompt_step: bool = True
     capped_ending: Literal["eos", "open"] = "eos"  # a student sample cut at its limit: EOS last (reference)
+
+    def __post_init__(self) -> None:
+        require(self.prompt_length >= 1, "prompt_length", "be >= 1", self.prompt_length)
+        require(self.teacher_adapter_lr is None or self.teacher_adapter_lr > 0, "teacher_adapter_lr",
+                "be > 0 or unset", self.teacher_adapter_lr)
+        require(self.prompt_init != "text" or bool(self.prompt_init_text.strip()), "prompt_init_text",
+                "be non-empty text for prompt_init = 'text'", self.prompt_init_text)
+        registry().schedules.require(self.reg_schedule, "reg_schedule")
 
 
 def _kl(direction: Direction) -> str:

@@ -1,5 +1,7 @@
-"""Fault injection (issue 13): what a run does with a non-finite loss or
-gradient, and with a NaN validation score."""
+"""Fault injection (issue 13): non-finite losses, NaN validation scores,
+hostile or damaged run folders, concurrent cache preparation, and bad input
+of every kind, each of which must end in one ``error:`` line (exit 2) before
+any model is loaded, with nothing already written changed."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -208,3 +212,166 @@ def test_two_runs_preparing_the_same_cache_at_once_share_it(recipe_file, tmp_pat
     assert sum("preparing the teacher" in e for e in errors) == 1  # prepared once, reused by the other run
     weights = [load_file(tmp_path / f"run{i}" / "teacher" / "model.safetensors") for i in range(2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# --- one-line errors before any model is loaded (issue 13, item 4) ------------------
+
+
+def _one_line_error(args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the CLI expecting exit 2 and exactly one ``error:`` line, with no model loaded."""
+    import distillkit.models
+    import distillkit.pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(distillkit.pipeline, "load_model", no_model)
+    monkeypatch.setattr(distillkit.pipeline, "prepared_model", no_model)
+    result = CliRunner().invoke(app, args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def _train_args(recipe: str | Path, *extra: str) -> list[str]:
+    return ["train", "--method", "kd", "--recipe", str(recipe), *extra]
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("training.batch_size=0", "'training.batch_size' must be >= 1, got 0"),
+    ("training.micro_batch_size=0", "'training.micro_batch_size' must be >= 1"),
+    ("training.log_every=0", "'training.log_every' must be >= 1"),
+    ("training.lr=-1", "'training.lr' must be a finite number >= 0, got -1"),
+    ("training.lr=nan", "'training.lr' must be a finite number >= 0, got nan"),
+    ("training.lr=inf", "'training.lr' must be a finite number >= 0, got inf"),
+    ("training.adam_betas=[0.9, 1.0]", "'training.adam_betas' must be two numbers in [0, 1)"),
+    ("training.max_steps=-1", "'training.max_steps' must be >= 0"),
+    ("training.eval_every=-1", "'training.eval_every' must be >= 0"),
+    ("methods.gkd.beta=2", "'methods.gkd.beta' must be in [0, 1], got 2.0"),
+    ("methods.kd.kd_ratio=2", "'methods.kd.kd_ratio' must be in [0, 1]"),
+    ("methods.kd.loss_temperature=0", "'methods.kd.loss_temperature' must be > 0"),
+    ("methods.kd.divergence=fkl", "'methods.kd.divergence' must name a registered divergence"),
+    ("methods.gkd.on_policy_schedule=lin", "got 'lin' (did you mean 'linear'?)"),
+    ("methods.promptkd.prompt_length=0", "'methods.promptkd.prompt_length' must be >= 1"),
+    ("methods.minillm.gamma=3", "'methods.minillm.gamma' must be in [0, 1]"),
+    ("training.lrr=1", "unknown key 'training.lrr' (did you mean 'lr'?)"),
+    ("methods.gkd.temperature=1", "unknown key 'methods.gkd.temperature' (did you mean 'loss_temperature'?)"),
+])
+def test_bad_options_are_one_line_errors_at_assembly(recipe_file, monkeypatch, setting, message):
+    """Every method section is checked when the recipe loads, even for another method."""
+    line = _one_line_error(_train_args(recipe_file(), "--set", setting), monkeypatch)
+    assert message in line
+
+
+def test_bad_recipe_files_are_one_line_errors(tmp_path, monkeypatch):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b'description = "caf\xe9"\n')
+    assert "is not UTF-8 text" in _one_line_error(_train_args(binary), monkeypatch)
+    orphan = tmp_path / "orphan.toml"
+    orphan.write_text('extends = "tinyy"\n')
+    line = _one_line_error(_train_args(orphan), monkeypatch)
+    assert f"{orphan} extends 'tinyy': unknown recipe 'tinyy' (did you mean 'tiny'?)" in line
+    assert "--max-steps must be >= 0" in _one_line_error(_train_args("tiny", "--max-steps", "-2"), monkeypatch)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("bad.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n',
+     "bad.jsonl:2: bytes that are not UTF-8"),
+    ("empty.jsonl", b"", "empty.jsonl holds no rows"),
+    ("blank.jsonl", b"  \n\n \n", "blank.jsonl holds no rows"),
+    ("blank.json", b"  \n", "blank.json holds no rows"),
+    ("scalars.json", b'[{"instruction": "a", "output": "b"}, 3]', "scalars.json[1]: expected a JSON object, got int"),
+    ("pretty.jsonl", b'[\n  {"instruction": "a", "output": "b"}\n]\n', "pretty.jsonl holds a JSON array"),
+])
+def test_bad_data_files_are_one_line_errors(recipe_file, tmp_path, monkeypatch, name, content, message):
+    data = tmp_path / name
+    data.write_bytes(content)
+    line = _one_line_error(_train_args(recipe_file(), "--set", f'data.dataset="{data}"'), monkeypatch)
+    assert message in line
+
+
+def test_bad_model_folders_are_one_line_errors(tmp_path, tokenizer):
+    from distillkit.config import ModelConfig
+    from distillkit.models import load_model, load_tokenizer, save_model
+
+    from .conftest import tiny_model
+
+    good = tmp_path / "good"
+    save_model(tiny_model(tokenizer), tokenizer, good)
+    truncated, no_weights, no_tokenizer = (tmp_path / n for n in ("truncated", "no_weights", "no_tokenizer"))
+    for folder in (truncated, no_weights, no_tokenizer):
+        folder.mkdir()
+        (folder / "config.json").write_text((good / "config.json").read_text())
+    (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:200])
+    cases = [
+        (lambda: load_model(ModelConfig(path=str(truncated)), tokenizer, "student"), "damaged or truncated"),
+        (lambda: load_model(ModelConfig(path=str(no_weights)), tokenizer, "student"), "no file named model"),
+        (lambda: load_tokenizer(str(no_tokenizer)), "has no tokenizer files"),
+        (lambda: load_model(ModelConfig(path=str(tmp_path / "absent")), tokenizer, "student"),
+         "does not exist; check 'student.path' (a local path, not a hub id)"),
+    ]
+    for load, message in cases:
+        with pytest.raises(DistillkitError, match=re.escape(message)) as err:
+            load()
+        assert "\n" not in str(err.value)
+
+
+def test_bad_eval_arguments_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
+    from distillkit.models import save_model
+
+    from .conftest import tiny_model
+
+    save_model(tiny_model(tokenizer), tokenizer, tmp_path / "model")
+    base = ["eval", "--model", str(tmp_path / "model"), "--data"]
+    assert "--limit must be >= 0 (0: all), got -1" in _one_line_error([*base, "dolly", "--limit", "-1"], monkeypatch)
+    line = _one_line_error([*base, "dollly"], monkeypatch)
+    assert "unknown test set 'dollly' (did you mean 'dolly'?); registered: " in line and "selfinst" in line
+
+
+# --- property: malformed input never gets past assembly (issue 13, item 5) ---------
+
+GOOD_ROW = b'{"instruction": "Name a colour.", "input": "", "output": "Red."}'
+BAD_LINES = st.sampled_from([
+    b'{"instruction": "a", "output": ', b"[1, 2]", b'"just a string"', b"\xff\xfe\x00garbage", b"{'single': 1}",
+    b'{"instruction": 3, "output": "b"}', b'{"output": "no instruction"}', b"nul\x00l", b"42",
+])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.lists(st.just(GOOD_ROW), max_size=3), bad=BAD_LINES, after=st.lists(st.just(GOOD_ROW), max_size=3))
+def test_malformed_jsonl_is_one_line_and_touches_nothing(recipe_file, tmp_path, monkeypatch, before, bad, after):
+    data, output = tmp_path / "train.jsonl", tmp_path / "out"
+    data.write_bytes(b"\n".join([*before, bad, *after]) + b"\n")
+    output.mkdir(exist_ok=True)
+    (output / "notes.txt").write_text("mine")
+    snapshot = _snapshot(output)
+    _one_line_error(_train_args(recipe_file(), "--output", str(output), "--set", f'data.dataset="{data}"'),
+                    monkeypatch)
+    assert _snapshot(output) == snapshot
+
+
+RECIPE_NOISE = st.one_of(
+    st.binary(min_size=1, max_size=40).map(lambda b: b"\xff" + b),  # not UTF-8
+    st.text(alphabet="[]=\"'{}.,# abc\n", min_size=1, max_size=40).map(lambda t: ("[[" + t).encode()),  # not TOML
+    st.tuples(st.sampled_from(["training", "data", "generation", "eval", "methods.kd"]),
+              st.text(alphabet="abcdefghij_", min_size=1, max_size=8))
+    .map(lambda kv: f"[{kv[0]}]\nzz_{kv[1]} = 1\n".encode()),  # unknown key
+    st.sampled_from(["batch_size", "lr", "micro_batch_size", "max_steps", "log_every"])
+    .map(lambda key: f'[training]\n{key} = "many"\n'.encode()),  # wrong type
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(noise=RECIPE_NOISE)
+def test_malformed_recipes_are_one_line_and_touch_nothing(recipe_file, tmp_path, monkeypatch, noise):
+    recipe, output = tmp_path / "broken.toml", tmp_path / "out"
+    recipe.write_bytes(recipe_file().read_bytes() + b"\n" + noise)
+    output.mkdir(exist_ok=True)
+    (output / "notes.txt").write_text("mine")
+    snapshot = _snapshot(output)
+    _one_line_error(_train_args(recipe, "--output", str(output)), monkeypatch)
+    assert _snapshot(output) == snapshot

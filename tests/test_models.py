@@ -45,7 +45,7 @@ def test_model_spec_errors(tokenizer):
         load_model(ModelConfig(), tokenizer, "student")
     with pytest.raises(DistillkitError, match="needs a model_type"):
         load_model(ModelConfig(config={"n_layer": 1}), tokenizer, "student")
-    with pytest.raises(DistillkitError, match="cannot load teacher from '/nonexistent/model'"):
+    with pytest.raises(DistillkitError, match="/nonexistent/model does not exist; check 'teacher.path'"):
         load_model(ModelConfig(path="/nonexistent/model"), tokenizer, "teacher")
 
 
