@@ -6,11 +6,16 @@ N processes each takes a contiguous 1/N of it), let the method's source turn
 each micro-batch into ``[x ‖ y]``, then for each stage run all micro-batches
 (losses weighted so that the step averages over all response tokens of the
 global batch, whatever the layout), clip and step that stage's optimizer and
-LR schedule.  N processes therefore compute the same update as one.  Evaluation
-every ``eval_every`` steps (split over the processes, with per-prompt sampling
-noise, so its result does not depend on the layout either) keeps the best
-student by validation ROUGE-L (or loss); checkpoints (safetensors weights + optimizer, scheduler and RNG state)
-are written atomically and ``resume`` continues from the latest one.
+LR schedule.  N processes therefore compute the same update as one.  A
+non-finite loss or gradient norm stops the run (or skips the update) before
+any parameter changes.  Evaluation every ``eval_every`` steps (split over the
+processes, with per-prompt sampling noise, so its result does not depend on
+the layout either) keeps the best student by validation ROUGE-L (or loss).
+Checkpoints (safetensors weights; optimizer, scheduler and RNG state read back
+with ``weights_only=True``; distillkit's own run state as safetensors + JSON)
+are written atomically, the last ``keep_checkpoints`` are kept, and ``resume``
+continues from the latest one that loads, after checking that the folder
+holds a run of the same method and recipe.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d{7}", p.name) and (p / STATE_FILE).is_file())
+    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file())
 
 
 def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Path | None:

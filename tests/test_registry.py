@@ -17,7 +17,7 @@ from distillkit.components import Method, Stage
 from distillkit.errors import DistillkitError
 from distillkit.registry import PluginError, Registry, make_plugin_manager, registry
 
-BUILTIN_METHODS = {"sft", "kd", "seqkd", "gkd", "promptkd"}
+BUILTIN_METHODS = {"sft", "kd", "seqkd", "gkd", "promptkd", "minillm"}
 
 
 def test_builtins_register_through_entry_points():
@@ -100,17 +100,28 @@ PLUGIN_PACKAGE = {
     """,
     "distillkit_tvd_plugin.py": '''
         """A third-party method: KD with total variation instead of forward KL."""
+        from dataclasses import dataclass
+
         from distillkit import hookimpl
         from distillkit.components import Method, Stage
+        from distillkit.errors import require
+
+        @dataclass(frozen=True)
+        class TVDOptions:
+            weight: float = 1.0
+
+            def __post_init__(self):
+                require(self.weight > 0, "weight", "be > 0", self.weight)
 
         def tvd_loss(run, batch):
             student = run.student_logits(batch)
-            tvd = run.divergence("tvd", student, run.teacher_logits(batch), batch)
+            tvd = run.options.weight * run.divergence("tvd", student, run.teacher_logits(batch), batch)
             return {"loss": tvd, "tvd": tvd}
 
         @hookimpl
         def distillkit_register_methods():
-            return [Method("tvd-kd", "KD with total variation distance", stages=(Stage("student", tvd_loss),))]
+            return [Method("tvd-kd", "KD with total variation distance", stages=(Stage("student", tvd_loss),),
+                           options=TVDOptions)]
     ''',
 }
 
@@ -128,3 +139,12 @@ def test_third_party_package_appears_without_editing_distillkit(tmp_path: Path):
     methods = {row["name"]: row for row in json.loads(out)}
     assert methods["tvd-kd"]["plugin"] == "distillkit-tvd-plugin:tvd_kd"
     assert BUILTIN_METHODS <= set(methods)
+    # its own option check runs when the recipe is assembled, before any model is loaded, as for built-ins
+    bad = subprocess.run([sys.executable, "-m", "distillkit", "train", "--method", "tvd-kd", "--recipe", "tiny",
+                          "--output", str(tmp_path / "run"), "--set", "methods.tvd-kd.weight=-1"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 'methods.tvd-kd.weight' must be > 0, got -1.0; change it in the recipe or with --set "
+        "methods.tvd-kd.weight=..."]
+    assert not (tmp_path / "run").exists()
