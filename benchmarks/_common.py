@@ -22,6 +22,48 @@ from pathlib import Path
 
 DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data
 
+# A 6-step run of 1-layer models with a checkpoint and a validation every 2 steps (seconds per method).
+SHORT_RUN_RECIPE = """
+description = "short run: 1-layer models, 6 steps"
+[data]
+dataset = "dolly"
+max_prompt_length = 96
+max_length = 128
+train_limit = 96
+[tokenizer]
+train_vocab_size = 400
+[teacher]
+config = { model_type = "gpt2", n_layer = 1, n_embd = 48, n_head = 2, n_positions = 128 }
+init_seed = 1
+[teacher.sft]
+max_steps = 6
+lr = 1e-2
+[student]
+config = { model_type = "gpt2", n_layer = 1, n_embd = 32, n_head = 2, n_positions = 128 }
+init_seed = 2
+[training]
+max_steps = 6
+batch_size = 8
+micro_batch_size = 4
+lr = 1e-2
+lr_schedule = "constant"
+eval_every = 2
+eval_limit = 6
+log_every = 1
+seed = 3
+[generation]
+max_new_tokens = 8
+batch_size = 6
+[methods.minillm]
+rollout_size = 16
+"""
+
+
+def cli_environment(cache: Path) -> dict[str, str]:
+    """The environment for a `distillkit` subprocess: its own cache, the shared data, quiet OpenMP waits."""
+    return {**os.environ, "DISTILLKIT_CACHE_DIR": str(cache), "OMP_WAIT_POLICY": "PASSIVE",
+            "DISTILLKIT_DATA_DIR": os.environ.get("DISTILLKIT_DATA_DIR", DEFAULT_DATA_DIR)}
+
 
 def common_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per arm (default {repeats})")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,42 +27,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data"
-RECIPE = """
-description = "kill/resume: 1-layer models, 6 steps"
-[data]
-dataset = "dolly"
-max_prompt_length = 96
-max_length = 128
-train_limit = 96
-[tokenizer]
-train_vocab_size = 400
-[teacher]
-config = { model_type = "gpt2", n_layer = 1, n_embd = 48, n_head = 2, n_positions = 128 }
-init_seed = 1
-[teacher.sft]
-max_steps = 6
-lr = 1e-2
-[student]
-config = { model_type = "gpt2", n_layer = 1, n_embd = 32, n_head = 2, n_positions = 128 }
-init_seed = 2
-[training]
-max_steps = 6
-batch_size = 8
-micro_batch_size = 4
-lr = 1e-2
-lr_schedule = "constant"
-eval_every = 2
-eval_limit = 6
-log_every = 1
-seed = 3
-[generation]
-max_new_tokens = 8
-batch_size = 6
-[methods.minillm]
-rollout_size = 16
-"""
+from _common import SHORT_RUN_RECIPE, cli_environment
+
 METHODS = ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm"]
 POINTS = {
     "mid-step": lambda run: _logged_step(run) >= 3,
@@ -116,10 +81,9 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(POINTS))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kill-resume-"))
-    recipe = work / "kill-resume.toml"
-    recipe.write_text(RECIPE)
-    env = {**os.environ, "DISTILLKIT_CACHE_DIR": str(work / "cache"), "OMP_WAIT_POLICY": "PASSIVE",
-           "DISTILLKIT_DATA_DIR": os.environ.get("DISTILLKIT_DATA_DIR", str(DATA_DIR))}
+    recipe = work / "short-run.toml"
+    recipe.write_text(SHORT_RUN_RECIPE)
+    env = cli_environment(work / "cache")
     print("| method | kill point | killed there | final weights and run state | metrics |")
     print("|---|---|---|---|---|")
     for method in args.methods.split(","):
