@@ -88,7 +88,8 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation budget and bookkeeping of one run (per process).
+    """Optimisation budget and bookkeeping of one run.  ``batch_size`` is the
+    global batch (all processes together); ``micro_batch_size`` is per process.
 
     ``group_by_length`` batches examples of similar length (less padding,
     cheaper steps); on the tiny recipe it trained to a worse validation loss

@@ -128,6 +128,32 @@ def test_mixture_follows_its_probability(recipe_file, tokenizer, fraction, expec
     assert all(outcomes) if expect_dataset else not any(outcomes)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_mixture_flips_one_seeded_coin_per_step(recipe_file, tokenizer, schedule):
+    """lambda = 0.5 (times the schedule at k = 1..K): step k takes student samples
+    exactly when its coin, seeded by (training seed, k), falls below lambda_k."""
+    from distillkit.cache import fingerprint
+
+    examples = instruction_examples(tokenizer)
+    run = make_run(recipe_file, tokenizer)
+    run.total_steps = 40
+    source = registry().sources["mixture"].build(run, fraction=0.5, schedule=schedule)
+    dataset = _batch(tokenizer, examples)
+    on_policy, expected = [], []
+    for step in range(run.total_steps):
+        run.step = step
+        on_policy.append(not torch.equal(source(examples).input_ids, dataset.input_ids))
+        seed = int(fingerprint(run.config.training.seed, "mixture", step), 16)
+        coin = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+        expected.append(coin < 0.5 * (1.0 if schedule == "constant" else 1 - (step + 1) / run.total_steps))
+    assert on_policy == expected
+    assert 0 < sum(on_policy) < len(on_policy)  # both kinds occur
+    if schedule == "constant":
+        assert 0.3 <= sum(on_policy) / len(on_policy) <= 0.7
+    else:  # lambda_k falls to 0: on-policy steps thin out towards the end
+        assert sum(on_policy[:20]) > sum(on_policy[20:])
+
+
 def test_teacher_generations_are_cached_and_reused(recipe_file, tokenizer, monkeypatch):
     examples = instruction_examples(tokenizer)
     run = make_run(recipe_file, tokenizer, method="seqkd", examples=examples)
