@@ -269,8 +269,10 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelCo
                 source, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code,
             )
         except (OSError, ValueError, SafetensorError) as err:
-            damaged = "; a weights file is damaged or truncated, copy it again" if isinstance(err, SafetensorError) else ""
-            raise DistillkitError(f"cannot load {role} from '{spec.path}': {str(err).splitlines()[0]}{damaged}") from None
+            reason = str(err).splitlines()[0]
+            if isinstance(err, SafetensorError):
+                reason += "; a weights file is damaged or truncated, copy it again"
+            raise DistillkitError(f"cannot load {role} from '{spec.path}': {reason}") from None
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise DistillkitError(

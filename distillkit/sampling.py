@@ -65,7 +65,8 @@ class SamplingSettings:
         return processors
 
 
-def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0, max_new_tokens: int | None = None) -> SamplingSettings:
+def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0,
+                  max_new_tokens: int | None = None) -> SamplingSettings:
     """Sampling settings of a recipe's ``[generation]`` section;
     ``max_new_tokens`` (if not None) replaces its cap, e.g. ``[eval]``'s."""
     cap = generation.max_new_tokens if max_new_tokens is None else max_new_tokens
