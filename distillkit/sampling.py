@@ -161,7 +161,7 @@ def _extend(
     model's positions while others go on."""
     attention_mask = torch.cat([attention_mask, live[:, None].to(attention_mask.dtype)], dim=-1)
     out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=_positions(attention_mask)[:, -1:],
-                past_key_values=out.past_key_values, use_cache=True)
+                cache=out.cache, use_cache=True)
     return out, attention_mask
 
 
