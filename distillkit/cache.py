@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +77,16 @@ def exclusive(path: Path, *, enabled: bool = True) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def publish_dir(scratch: Path, target: Path) -> None:
-    """Move the finished folder ``scratch`` to ``target`` in one rename; when
-    another process published ``target`` first, keep theirs."""
+def publish_dir(scratch: Path, target: Path, complete: Callable[[Path], bool] = Path.is_dir) -> None:
+    """Move the finished folder ``scratch`` to ``target`` in one rename; an
+    incomplete leftover ``target`` is replaced, and when another process
+    published a complete one first, theirs is kept."""
     try:
+        if target.exists() and not complete(target):
+            shutil.rmtree(target)
         scratch.rename(target)
     except OSError:
-        if not target.is_dir():
+        if not complete(target):
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

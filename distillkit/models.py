@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from distillkit.cache import cache_root, fingerprint
+from distillkit.cache import cache_root, fingerprint, publish_dir
 from distillkit.config import ModelConfig
 from distillkit.errors import DistillkitError
 
@@ -150,14 +150,10 @@ def materialize_gguf(path: str, gguf_file: str, dtype: str = "float32") -> Path:
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         (scratch / "DONE").write_text(json.dumps({"path": path, "gguf_file": gguf_file, "dtype": dtype}) + "\n")
-        if target.exists() and not _complete(target):  # an incomplete leftover of an older version
-            shutil.rmtree(target)
-        scratch.rename(target)
-    except OSError:
-        if not _complete(target):  # not another process that finished first
-            raise
-    finally:
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    publish_dir(scratch, target, complete=_complete)
     return target
 
 
