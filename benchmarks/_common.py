@@ -92,8 +92,9 @@ def dolly_tokenizer(vocab_size: int = 4096):
     """A byte-level BPE tokenizer trained on the Dolly training split, as the
     tiny recipe does (``format_prompt(e) + reference``); ~3 s."""
     from distillkit.config import DataConfig
-    from distillkit.data import format_prompt, load_split
-    from distillkit.models import train_bpe_tokenizer
+    from distillkit.data.loading import load_split
+    from distillkit.data.templates import format_prompt
+    from distillkit.engine.models import train_bpe_tokenizer
 
     examples = load_split(DataConfig(dataset="dolly"), "train")
     return train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples), vocab_size)
@@ -103,7 +104,7 @@ def gpt2(tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_positions: int 
     """A GPT-2 model with random weights, built from config the way recipes do
     (dropout off, as in the tiny recipe)."""
     from distillkit.config import ModelConfig
-    from distillkit.models import load_model
+    from distillkit.engine.models import load_model
 
     config = {"model_type": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
               "n_positions": n_positions, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -219,8 +220,9 @@ class TinySetup:
 
 def tiny_setup(overrides: list[str]) -> TinySetup:
     from distillkit.config import load_recipe
-    from distillkit.data import load_split, tokenize
-    from distillkit.models import load_model
+    from distillkit.data.loading import load_split
+    from distillkit.data.tokenization import tokenize
+    from distillkit.engine.models import load_model
 
     recipe = load_recipe("tiny", overrides)
     tokenizer = dolly_tokenizer(recipe.tokenizer.train_vocab_size)
@@ -252,12 +254,12 @@ def on_policy_setup(args: argparse.Namespace, extra_overrides: tuple[str, ...] =
 
 
 def trainer_for(setup: TinySetup, method: str, output_dir, *, student=None, teacher=None):
-    """A real ``distillkit.trainer.Trainer`` for ``method`` (no validation
+    """A real ``distillkit.training.trainer.Trainer`` for ``method`` (no validation
     set), on copies of the setup's models unless given."""
     import copy
 
     from distillkit.config import resolve_run
-    from distillkit.trainer import Trainer
+    from distillkit.training.trainer import Trainer
 
     config = resolve_run(setup.recipe, method)
     return Trainer(config, student if student is not None else copy.deepcopy(setup.student), setup.tokenizer,

@@ -21,9 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from _common import SHORT_RUN_RECIPE, cli_environment
+from safetensors.torch import load_file
 
 METHODS = ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm"]
 SAVED = ["checkpoints/step-0000006/model.safetensors", "checkpoints/step-0000006/run_state_0.safetensors",

@@ -3,7 +3,7 @@ PyTorch step (the floor), side by side.
 
     python benchmarks/bench_gkd.py [--repeats N] [--quick]
 
-distillkit arm: a real ``distillkit.trainer.Trainer`` on the ``tiny`` recipe
+distillkit arm: a real ``distillkit.training.trainer.Trainer`` on the ``tiny`` recipe
 (``methods.gkd.on_policy_fraction = 1.0`` so every step samples,
 batch_size = micro_batch_size = 8, random-weight teacher and student built
 from the recipe's configs, tokenized Dolly training rows); the timed call is
@@ -12,7 +12,7 @@ from the recipe's configs, tokenized Dolly training rows); the timed call is
 floor arm: ``floor_step`` below -- sample with a KV cache, teacher forward
 without grad, student forward, generalized JSD(beta = 0.5) on response
 tokens only, AdamW step (with the same grad-norm clip 1.0 the trainer
-applies).  It samples with ``distillkit.sampling.sample`` by default, so the
+applies).  It samples with ``distillkit.engine.sampling.sample`` by default, so the
 ratio isolates the training path; ``--floor-sampler generate`` uses 🤗
 ``generate`` instead (the sampler itself is compared in bench_sampler.py).
 
@@ -41,7 +41,7 @@ def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: 
     """The minimal hand-written GKD step, as one would write it in a script."""
     import torch
 
-    from distillkit.sampling import SamplingSettings, sample
+    from distillkit.engine.sampling import SamplingSettings, sample
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
@@ -105,7 +105,7 @@ def divergence_only(rows: int, vocab: int, repeats: int, beta: float) -> list[li
     formula."""
     import torch
 
-    from distillkit.divergences import masked_divergence
+    from distillkit.engine.losses import masked_divergence
     from distillkit.registry import registry
 
     jsd = registry().divergences["jsd"]

@@ -3,7 +3,7 @@ steps on CPU.
 
     python benchmarks/bench_planner.py [--steps N] [--cases tiny:sft,tiny:kd,...]
 
-Each case runs through the real pipeline (``distillkit.pipeline.train``:
+Each case runs through the real pipeline (``distillkit.training.pipeline.train``:
 recipe, tokenizer, data, models, ``Trainer``) in a fresh subprocess, after a
 first subprocess has prepared the cached artefacts (the teacher's SFT, the SFT
 student init, the de-quantised GGUF), so nothing but the run itself is built.
@@ -70,10 +70,11 @@ def worker(case: str, steps: int, prepare_only: bool) -> dict:
     """Run one case in this process and return the measurements and the estimate."""
     import torch
 
-    from distillkit import pipeline
+    from distillkit.training import pipeline
     from distillkit.config import load_recipe
-    from distillkit.planning import estimate, single_layout
-    from distillkit.trainer import Trainer
+    from distillkit.engine.layout import single_layout
+    from distillkit.planning.estimate import estimate
+    from distillkit.training.trainer import Trainer
 
     torch.set_num_threads(2)
     recipe_name, method, overrides = CASES[case]

@@ -39,8 +39,8 @@ def compare(model, prompts, tokenizer, n_new: int, repeats: int, seed: int) -> d
     check that they generated the same sequences."""
     import torch
 
-    from distillkit.batch import left_pad
-    from distillkit.sampling import SamplingSettings, sample
+    from distillkit.api import left_pad
+    from distillkit.engine.sampling import SamplingSettings, sample
 
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -98,7 +98,8 @@ def main() -> None:
     _common.setup(args.threads, args.seed)
 
     from distillkit.config import DataConfig
-    from distillkit.data import load_split, tokenize
+    from distillkit.data.loading import load_split
+    from distillkit.data.tokenization import tokenize
 
     print(_common.machine_note(args.threads))
     tokenizer = _common.dolly_tokenizer()

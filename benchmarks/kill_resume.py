@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from _common import SHORT_RUN_RECIPE, cli_environment
+from safetensors.torch import load_file
 
 METHODS = ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm"]
 POINTS = {

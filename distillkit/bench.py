@@ -31,10 +31,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from distillkit.cache import write_json_atomic
 from distillkit.config import load_recipe
-from distillkit.errors import DistillkitError
-from distillkit.registry import did_you_mean, registry
+from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.files import write_json_atomic
+from distillkit.registry import registry
 
 STATE_FILE = "trainer_state.json"
 
@@ -263,7 +263,7 @@ class LiveView:
 
 def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
     """Train and evaluate every cell not done yet; write and return the tables."""
-    from distillkit.evaluation import evaluate_sets
+    from distillkit.evaluation.protocol import evaluate_sets
 
     config.validate()
     config.output.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,8 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
 def dry_run(config: BenchConfig, console: Console) -> None:
     """Print the cells and each method's memory plan per device (see
     :mod:`distillkit.planning`), and whether it fits."""
-    from distillkit.planning import available_memory, estimate, resolve_layout, verdict
+    from distillkit.engine.layout import resolve_layout
+    from distillkit.planning.estimate import available_memory, estimate, verdict
 
     config.validate()
     recipe = load_recipe(config.recipe, config.overrides)

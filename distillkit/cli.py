@@ -108,7 +108,7 @@ def train(
     if dry_run:
         import os
 
-        from distillkit.planning import dry_run as plan_run
+        from distillkit.planning.estimate import dry_run as plan_run
 
         try:
             if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints
@@ -117,7 +117,7 @@ def train(
         except DistillkitError as error:
             _fail(error)
         return
-    from distillkit.pipeline import train as run_training
+    from distillkit.training.pipeline import train as run_training
 
     try:
         run_training(method, recipe, output=output, overrides=set_ or [], max_steps=max_steps, resume=resume,
@@ -140,7 +140,7 @@ def eval_(
     """Generate responses and report ROUGE-L per set and seed, with mean ± std
     over seeds (cached per set and seed: a rerun computes only new cells)."""
     _setup_logging()
-    from distillkit.evaluation import evaluate_sets, recipe_seeds
+    from distillkit.evaluation.protocol import evaluate_sets, recipe_seeds
 
     sets = _names(data)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -240,7 +240,7 @@ def exposure_bias(
     """ExAccErr(l): the excess KL(teacher || student) accumulated over l steps
     on the student's own prefixes over the teacher's (PromptKD Eqs. 5-7)."""
     _setup_logging()
-    from distillkit.analysis import exposure_bias_report, plot_exposure_bias
+    from distillkit.evaluation.exposure_bias import exposure_bias_report, plot_exposure_bias
 
     labels = label or [folder.name for folder in student]
     try:

@@ -1,5 +1,8 @@
 """The one exception type users see: a one-line message naming the problem and the fix."""
 
+import difflib
+from typing import Any
+
 
 class DistillkitError(Exception):
     """A user-facing error (bad recipe, data, model pair, plugin, ...).
@@ -32,3 +35,9 @@ def require(ok: bool, field: str, rule: str, value: object) -> None:
     (for the ``__post_init__`` checks of config and options dataclasses)."""
     if not ok:
         raise OptionError(field, f"must {rule}, got {value!r}")
+
+
+def did_you_mean(name: str, candidates: list[str] | Any) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -8,7 +8,6 @@ registered twice is reported with both plugins.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any, Generic, TypeVar
 
 import pluggy
 
-from distillkit import hookspecs
-from distillkit.components import (
+from distillkit.api import hookspecs
+from distillkit.api.components import (
     DataFormat,
     DatasetSpec,
     Divergence,
@@ -26,7 +25,7 @@ from distillkit.components import (
     SourceFactory,
     TeacherAdapterFactory,
 )
-from distillkit.errors import DistillkitError, OptionError
+from distillkit.errors import DistillkitError, OptionError, did_you_mean
 
 ENTRY_POINT_GROUP = "distillkit"
 
@@ -35,12 +34,6 @@ T = TypeVar("T")
 
 class PluginError(DistillkitError):
     """A plugin failed to load or registered something invalid."""
-
-
-def did_you_mean(name: str, candidates: list[str] | Any) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +56,7 @@ class Category(Generic[T]):
         if not isinstance(item, self.expected):
             raise PluginError(
                 f"plugin '{plugin}' registered {item!r} as a {self.kind}; "
-                f"expected a distillkit.components.{self.expected.__name__}"
+                f"expected a distillkit.api.{self.expected.__name__}"
             )
         name = item.name  # type: ignore[attr-defined]
         if name in self.entries:

@@ -22,18 +22,13 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.batch import TrainBatch
-from distillkit.components import Method, Stage
-from distillkit.errors import require
-from distillkit.registry import registry
-from distillkit.run import Run
+from distillkit.api import Method, ScheduleName, Stage, StepContext, TrainBatch, hookimpl, require
 
 
 @dataclass(frozen=True)
 class GKDOptions:
     on_policy_fraction: float = 0.5  # lambda
-    on_policy_schedule: str = "constant"  # lambda_k = lambda * schedule(k, K)
+    on_policy_schedule: ScheduleName = "constant"  # lambda_k = lambda * schedule(k, K)
     beta: float = 0.5
     loss_temperature: float = 1.0  # softmax temperature of the loss (TRL: 1.0); sampling: generation.temperature
     student_dropout: bool = False  # TRL: disable_dropout = True
@@ -43,10 +38,9 @@ class GKDOptions:
         require(0 <= self.on_policy_fraction <= 1, "on_policy_fraction", "be in [0, 1]", self.on_policy_fraction)
         require(0 <= self.beta <= 1, "beta", "be in [0, 1]", self.beta)
         require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
-        registry().schedules.require(self.on_policy_schedule, "on_policy_schedule")
 
 
-def gkd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+def gkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: GKDOptions = run.options
     student = run.student_logits(batch)
     jsd = run.divergence("jsd", student, run.teacher_logits(batch), batch, temperature=opts.loss_temperature,

@@ -14,27 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.batch import TrainBatch
-from distillkit.components import Method, Stage
-from distillkit.errors import require
-from distillkit.registry import registry
-from distillkit.run import Run
+from distillkit.api import DivergenceName, Method, Stage, StepContext, TrainBatch, hookimpl, require
 
 
 @dataclass(frozen=True)
 class KDOptions:
     kd_ratio: float = 0.5
     loss_temperature: float = 1.0
-    divergence: str = "forward_kl"
+    divergence: DivergenceName = "forward_kl"
 
     def __post_init__(self) -> None:
         require(0 <= self.kd_ratio <= 1, "kd_ratio", "be in [0, 1]", self.kd_ratio)
         require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
-        registry().divergences.require(self.divergence, "divergence")
 
 
-def kd_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: KDOptions = run.options
     student = run.student_logits(batch)
     teacher = run.teacher_logits(batch)

@@ -25,12 +25,7 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.batch import TrainBatch
-from distillkit.components import Method, Stage
-from distillkit.errors import require
-from distillkit.registry import registry
-from distillkit.run import Run
+from distillkit.api import Method, ScheduleName, Stage, StepContext, TrainBatch, hookimpl, require
 
 DIRECTIONS = {"reverse": "reverse_kl", "forward": "forward_kl"}
 Direction = Literal["reverse", "forward"]
@@ -46,7 +41,7 @@ class PromptKDOptions:
     reg_direction: Direction = "reverse"  # L_reg
     student_direction: Direction = "reverse"  # L_student: KL(q || p_P)
     use_reg: bool = True
-    reg_schedule: str = "linear"  # c_k; "linear" is (K - k) / K
+    reg_schedule: ScheduleName = "linear"  # c_k; "linear" is (K - k) / K
     teacher_dropout_in_prompt_step: bool = True
     capped_ending: Literal["eos", "open"] = "eos"  # a student sample cut at its limit: EOS last (reference)
 
@@ -56,14 +51,13 @@ class PromptKDOptions:
                 "be > 0 or unset", self.teacher_adapter_lr)
         require(self.prompt_init != "text" or bool(self.prompt_init_text.strip()), "prompt_init_text",
                 "be non-empty text for prompt_init = 'text'", self.prompt_init_text)
-        registry().schedules.require(self.reg_schedule, "reg_schedule")
 
 
 def _kl(direction: Direction) -> str:
     return DIRECTIONS[direction]
 
 
-def prompt_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+def prompt_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
     prompted = run.teacher_logits(batch, grad=True)  # gradient reaches P only
     with torch.no_grad():
@@ -80,7 +74,7 @@ def prompt_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
     return {"loss": loss, **terms}
 
 
-def student_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+def student_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
     target = run.teacher_logits(batch)  # the updated prompt, no grad
     kl = run.divergence(_kl(opts.student_direction), run.student_logits(batch), target, batch)

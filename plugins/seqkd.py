@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from distillkit.api import Method, Stage, hookimpl
 from distillkit.plugins.kd import KDOptions, kd_loss
-
-from distillkit import hookimpl
-from distillkit.components import Method, Stage
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.batch import TrainBatch
-from distillkit.components import Method, Stage
-from distillkit.run import Run
+from distillkit.api import Method, Stage, StepContext, TrainBatch, hookimpl
 
 
-def sft_loss(run: Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+def sft_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     ce = run.cross_entropy(run.student_logits(batch), batch)
     return {"loss": ce}
 

@@ -72,8 +72,9 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 def tokenizer():
     """A 300-token byte-level BPE tokenizer trained on real Dolly rows."""
     from distillkit.config import DataConfig
-    from distillkit.data import format_prompt, load_split
-    from distillkit.models import train_bpe_tokenizer
+    from distillkit.data.loading import load_split
+    from distillkit.data.templates import format_prompt
+    from distillkit.engine.models import train_bpe_tokenizer
 
     examples = load_split(DataConfig(dataset="dolly"), "validation")[:300]
     return train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples), 300)
@@ -88,7 +89,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def tiny_model(tokenizer, *, n_layer: int = 1, n_embd: int = 32, seed: int = 0, vocab_size: int | None = None,
                n_positions: int = 256):
     from distillkit.config import ModelConfig
-    from distillkit.models import load_model
+    from distillkit.engine.models import load_model
 
     config = {"model_type": "gpt2", "n_layer": n_layer, "n_embd": n_embd, "n_head": 2, "n_positions": n_positions}
     if vocab_size is not None:
@@ -109,9 +110,9 @@ def recipe_file(tmp_path: Path):
 
 
 def make_run(recipe_file, tokenizer, method: str = "promptkd", overrides=(), examples=()):
-    """A :class:`~distillkit.run.Run` of the test recipe with a tiny student (no teacher)."""
+    """A :class:`~distillkit.training.run.Run` of the test recipe with a tiny student (no teacher)."""
     from distillkit.config import load_recipe, resolve_run
-    from distillkit.run import Run
+    from distillkit.training.run import Run
 
     config = resolve_run(load_recipe(str(recipe_file()), list(overrides)), method)
     return Run(config, tiny_model(tokenizer, seed=7), tokenizer, total_steps=10, train_examples=list(examples),
@@ -120,8 +121,7 @@ def make_run(recipe_file, tokenizer, method: str = "promptkd", overrides=(), exa
 
 def instruction_examples(tokenizer, texts=("Name a colour.", "Say hi", "Tell me about cats")):
     """Tokenized examples with short templated prompts and a fixed response."""
-    from distillkit.batch import TokenizedExample
-    from distillkit.components import InstructionExample
+    from distillkit.api import InstructionExample, TokenizedExample
 
     out = []
     for text in texts:

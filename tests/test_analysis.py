@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from distillkit.analysis import ExposureBias, accumulate, measure, sample_prefixes, step_kl
 from distillkit.cli import app
-from distillkit.models import save_model, train_bpe_tokenizer
+from distillkit.engine.models import save_model, train_bpe_tokenizer
+from distillkit.evaluation.exposure_bias import ExposureBias, accumulate, measure, sample_prefixes, step_kl
 
 from .conftest import instruction_examples, tiny_model
 

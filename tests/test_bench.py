@@ -74,7 +74,7 @@ def test_bench_trains_evaluates_writes_tables_and_resumes(recipe_file, tmp_path,
 
     calls = []
     monkeypatch.setattr(bench, "train_method", lambda *a: calls.append("train"))
-    import distillkit.evaluation as evaluation
+    import distillkit.evaluation.protocol as evaluation
 
     original = evaluation.evaluate_sets
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distillkit.cli import app
-from distillkit.models import save_model
+from distillkit.engine.models import save_model
 
 from .conftest import tiny_model
 

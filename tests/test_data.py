@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from distillkit.batch import collate, left_pad
+from distillkit.api import collate, left_pad
 from distillkit.config import DataConfig
-from distillkit.data import (
-    DATA_DIR_ENV,
-    format_prompt,
-    load_eval_set,
-    load_split,
-    parse_rows,
-    read_rows,
-    tokenize,
-)
+from distillkit.data.formats import read_rows
+from distillkit.data.loading import DATA_DIR_ENV, load_eval_set, load_split, parse_rows
+from distillkit.data.templates import format_prompt
+from distillkit.data.tokenization import tokenize
 from distillkit.errors import DistillkitError
 
 from .conftest import DOLLY, write_jsonl

@@ -137,7 +137,7 @@ def test_teacher_placement_shard_needs_a_sharded_layout(recipe_file, tmp_path):
 
 def test_teacher_placement_offload_trains_on_cpu(recipe_file, tmp_path):
     """On a CPU device the weights already live in CPU memory: offload keeps them there."""
-    from distillkit.pipeline import train
+    from distillkit.training.pipeline import train
 
     best = train("kd", str(recipe_file(steps=2, eval_every=2)), output=tmp_path / "run",
                  overrides=["teacher.placement=offload"])

@@ -12,12 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillkit.divergences import (
-    BUILTIN_DIVERGENCES,
-    masked_cross_entropy,
-    masked_divergence,
-    masked_token_divergences,
-)
+from distillkit.builtins.divergences import BUILTIN_DIVERGENCES
+from distillkit.engine.losses import masked_cross_entropy, masked_divergence, masked_token_divergences
 
 DIVS = {d.name: d for d in BUILTIN_DIVERGENCES}
 DEFAULTS = {"jsd": {"beta": 0.5}, "skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}}

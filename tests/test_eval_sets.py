@@ -12,22 +12,14 @@ import pytest
 from rouge_score import rouge_scorer
 from typer.testing import CliRunner
 
-import distillkit.evaluation as evaluation
+import distillkit.evaluation.protocol as evaluation
+from distillkit.api import InstructionExample
 from distillkit.cli import app
-from distillkit.components import InstructionExample
 from distillkit.config import EvalConfig, load_recipe
-from distillkit.data import (
-    DATA_DIR_ENV,
-    dataset_spec,
-    keep_long_references,
-    load_eval_set,
-    parse_rows,
-    read_rows,
-    sni_task_rows,
-    vicuna_rows,
-)
+from distillkit.data.formats import read_rows, sni_task_rows, vicuna_rows
+from distillkit.data.loading import DATA_DIR_ENV, dataset_spec, keep_long_references, load_eval_set, parse_rows
+from distillkit.engine.models import save_model
 from distillkit.errors import DatasetUnavailable, DistillkitError
-from distillkit.models import save_model
 
 from .conftest import tiny_model, write_jsonl
 
@@ -58,7 +50,7 @@ def test_raw_vicuna_joins_questions_with_gpt35_answers():
 
 
 def test_raw_sni_reads_the_task_files_present_and_says_so(caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.WARNING, logger="distillkit.data"):
+    with caplog.at_level(logging.WARNING, logger="distillkit.data.formats"):
         raw = load_eval_set("sni-raw")
     assert "3 of 119 test task files found" in caplog.text
     tasks = {e.origin.split("/tasks/")[1].split(".json")[0] for e in raw}

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from distillkit.cli import app
 from distillkit.errors import DistillkitError
-from distillkit.pipeline import train
-from distillkit.run import Run
+from distillkit.training.pipeline import train
+from distillkit.training.run import Run
 
 
 def _nan_logits_from(monkeypatch: pytest.MonkeyPatch, method: str, step: int, *, until: int | None = None) -> None:
@@ -79,7 +79,7 @@ def test_skip_counts_skipped_updates_and_finishes(recipe_file, tmp_path, monkeyp
 
 
 def test_a_nan_validation_score_never_becomes_best(recipe_file, tmp_path, monkeypatch):
-    import distillkit.trainer as trainer_module
+    import distillkit.training.trainer as trainer_module
 
     original = trainer_module.Trainer.validation_loss_sum
     calls = {"n": 0}
@@ -175,7 +175,7 @@ def test_a_folder_without_a_checkpoint_is_not_reused_silently(recipe_file, tmp_p
     """Killed while writing the first checkpoint: the folder holds run.json and
     metrics but no checkpoint; a plain run refuses it, --resume starts over
     without duplicating metric records."""
-    from distillkit.trainer import Trainer
+    from distillkit.training.trainer import Trainer
 
     recipe, run = str(recipe_file(steps=3, eval_every=3)), tmp_path / "run"
 
@@ -219,14 +219,13 @@ def test_two_runs_preparing_the_same_cache_at_once_share_it(recipe_file, tmp_pat
 
 def _one_line_error(args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the CLI expecting exit 2 and exactly one ``error:`` line, with no model loaded."""
-    import distillkit.models
-    import distillkit.pipeline
+    import distillkit.training.pipeline as pipeline
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(distillkit.pipeline, "load_model", no_model)
-    monkeypatch.setattr(distillkit.pipeline, "prepared_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(pipeline, "prepared_model", no_model)
     result = CliRunner().invoke(app, args)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -292,7 +291,7 @@ def test_bad_data_files_are_one_line_errors(recipe_file, tmp_path, monkeypatch, 
 
 def test_bad_model_folders_are_one_line_errors(tmp_path, tokenizer):
     from distillkit.config import ModelConfig
-    from distillkit.models import load_model, load_tokenizer, save_model
+    from distillkit.engine.models import load_model, load_tokenizer, save_model
 
     from .conftest import tiny_model
 
@@ -317,7 +316,7 @@ def test_bad_model_folders_are_one_line_errors(tmp_path, tokenizer):
 
 
 def test_bad_eval_arguments_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
-    from distillkit.models import save_model
+    from distillkit.engine.models import save_model
 
     from .conftest import tiny_model
 

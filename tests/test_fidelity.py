@@ -16,18 +16,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distillkit.plugins.minillm import advantages, rewards
 
-from distillkit.batch import RolloutBatch, TrainBatch, collate
-from distillkit.components import InstructionExample
+from distillkit.api import InstructionExample, TrainBatch, collate
+from distillkit.builtins.sources import retokenized
+from distillkit.builtins.teacher_adapters import FrozenTeacher, SoftPromptTeacher
 from distillkit.config import ModelConfig
-from distillkit.data import format_prompt, tokenize
-from distillkit.models import load_model
+from distillkit.data.templates import format_prompt
+from distillkit.data.tokenization import tokenize
+from distillkit.engine.models import load_model
+from distillkit.engine.sampling import SamplingSettings, sample
+from distillkit.plugins.minillm import advantages, rewards
+from distillkit.plugins.minillm.rollouts import RolloutBatch
 from distillkit.registry import registry
-from distillkit.sampling import SamplingSettings, sample
-from distillkit.sources import retokenized
-from distillkit.teachers import FrozenTeacher, SoftPromptTeacher
-from distillkit.trainer import Trainer
+from distillkit.training.trainer import Trainer
 
 from .conftest import instruction_examples, make_run
 

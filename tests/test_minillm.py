@@ -8,13 +8,14 @@ import threading
 
 import pytest
 import torch
-from distillkit.plugins.minillm import MiniLLMOptions, advantages, minillm_loss, rewards
 
-from distillkit.batch import RolloutBatch, collate
+from distillkit.api import collate
+from distillkit.builtins.teacher_adapters import FrozenTeacher
+from distillkit.engine.sampling import SamplingSettings, sample
 from distillkit.errors import DistillkitError
+from distillkit.plugins.minillm import MiniLLMOptions, advantages, minillm_loss, rewards
+from distillkit.plugins.minillm.rollouts import RolloutBatch
 from distillkit.registry import registry
-from distillkit.sampling import SamplingSettings, sample
-from distillkit.teachers import FrozenTeacher
 
 from .conftest import instruction_examples, make_run, tiny_model
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from distillkit.config import ModelConfig
+from distillkit.engine.models import check_shared_vocabulary, load_model, save_model, train_bpe_tokenizer
 from distillkit.errors import DistillkitError
-from distillkit.models import check_shared_vocabulary, load_model, save_model, train_bpe_tokenizer
 
 from .conftest import tiny_model
 
@@ -26,7 +26,7 @@ def test_different_tokenizers_are_refused(tokenizer):
 
 def test_tokenizer_with_equal_vocab_but_other_eos_is_refused(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
-    from distillkit.models import load_tokenizer
+    from distillkit.engine.models import load_tokenizer
 
     copy = load_tokenizer(str(tmp_path))
     check_shared_vocabulary(tokenizer, copy)  # equal content, different objects: fine
@@ -61,10 +61,10 @@ def test_saved_model_reloads_identically(tmp_path, tokenizer):
 def test_padded_output_matrices_of_different_sizes_work_for_every_divergence(recipe_file, tokenizer):
     """Teacher and student share the tokenizer but pad their output matrices differently (like OPT 50272 vs
     GPT-2 50257): every registered divergence compares the real vocabulary only, whatever the padded rows say."""
-    from distillkit.batch import collate
-    from distillkit.divergences import masked_divergence
+    from distillkit.api import collate
+    from distillkit.builtins.teacher_adapters import FrozenTeacher
+    from distillkit.engine.losses import masked_divergence
     from distillkit.registry import registry
-    from distillkit.teachers import FrozenTeacher
 
     from .conftest import instruction_examples, make_run
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillkit.batch import collate
+from distillkit.api import collate
+from distillkit.builtins.teacher_adapters import FrozenTeacher, LoraTeacher, SoftPromptTeacher, initial_prompt
 from distillkit.config import ModelConfig
+from distillkit.engine.models import load_model, load_tokenizer
+from distillkit.engine.sampling import SamplingSettings, sample
 from distillkit.errors import DistillkitError
-from distillkit.models import load_model, load_tokenizer
-from distillkit.pipeline import train
 from distillkit.registry import registry
-from distillkit.run import Run
-from distillkit.sampling import SamplingSettings, sample
-from distillkit.state import load_state
-from distillkit.teachers import FrozenTeacher, LoraTeacher, SoftPromptTeacher, initial_prompt
+from distillkit.training.checkpoints import load_state
+from distillkit.training.pipeline import train
+from distillkit.training.run import Run
 
 from .conftest import instruction_examples, make_run, tiny_model
 
@@ -132,7 +132,7 @@ def test_mixture_follows_its_probability(recipe_file, tokenizer, fraction, expec
 def test_mixture_flips_one_seeded_coin_per_step(recipe_file, tokenizer, schedule):
     """lambda = 0.5 (times the schedule at k = 1..K): step k takes student samples
     exactly when its coin, seeded by (training seed, k), falls below lambda_k."""
-    from distillkit.cache import fingerprint
+    from distillkit.files import fingerprint
 
     examples = instruction_examples(tokenizer)
     run = make_run(recipe_file, tokenizer)
@@ -172,7 +172,7 @@ def test_teacher_generations_are_cached_and_reused(recipe_file, tokenizer, monke
 
 
 def test_promptkd_changes_prompt_never_teacher_and_resumes_exactly(recipe_file, tmp_path, monkeypatch):
-    from distillkit.trainer import Trainer
+    from distillkit.training.trainer import Trainer
 
     recipe = str(recipe_file(steps=4, eval_every=2))
     train("promptkd", recipe, output=tmp_path / "straight")

@@ -15,17 +15,10 @@ from typer.testing import CliRunner
 
 from distillkit.cli import app
 from distillkit.config import ModelConfig, Recipe, load_recipe, recipe_files
+from distillkit.engine.layout import Layout, layout_from_config, layout_from_environment
+from distillkit.engine.models import load_model
 from distillkit.errors import DistillkitError
-from distillkit.models import load_model
-from distillkit.planning import (
-    Layout,
-    activation_bytes_per_token,
-    estimate,
-    layout_from_config,
-    layout_from_environment,
-    model_shape,
-    shape_of,
-)
+from distillkit.planning.estimate import activation_bytes_per_token, estimate, model_shape, shape_of
 
 SHIPPED = sorted(recipe_files())
 CUDA_BF16 = Layout(mixed_precision="bf16", device="cuda")
@@ -235,7 +228,7 @@ def test_method_specific_rows():
 
 
 def test_each_process_takes_its_share_of_the_batch():
-    from distillkit.pipeline import recipe_tokenizer
+    from distillkit.data.prepare import recipe_tokenizer
 
     recipe = load_recipe("tiny")  # batch_size = micro_batch_size = 16
     shapes = {"student": model_shape(recipe, "student", recipe_tokenizer(recipe)[0])}

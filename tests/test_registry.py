@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from distillkit import hookimpl
-from distillkit.components import Method, Stage
+from distillkit.api import Method, Stage
 from distillkit.errors import DistillkitError
 from distillkit.registry import PluginError, Registry, make_plugin_manager, registry
 
@@ -83,7 +83,7 @@ def test_registering_a_non_component_is_rejected():
         def distillkit_register_divergences(self):
             return ["not a divergence"]
 
-    with pytest.raises(PluginError, match="expected a distillkit.components.Divergence"):
+    with pytest.raises(PluginError, match="expected a distillkit.api.Divergence"):
         Registry(make_plugin_manager({"bad": Bad()}))
 
 
@@ -103,7 +103,7 @@ PLUGIN_PACKAGE = {
         from dataclasses import dataclass
 
         from distillkit import hookimpl
-        from distillkit.components import Method, Stage
+        from distillkit.api import Method, Stage
         from distillkit.errors import require
 
         @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distillkit.sampling import SamplingSettings, gumbel_noise, sample
+from distillkit.engine.sampling import SamplingSettings, gumbel_noise, sample
 
 from .conftest import tiny_model
 

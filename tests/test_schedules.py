@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from distillkit.divergences import BUILTIN_DIVERGENCES
+from distillkit.builtins.divergences import BUILTIN_DIVERGENCES
+from distillkit.builtins.schedules import BUILTIN_SCHEDULES, constant, cosine, linear, step
 from distillkit.registry import registry
-from distillkit.schedules import BUILTIN_SCHEDULES, constant, cosine, linear, step
 
 
 def test_constant():

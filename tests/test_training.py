@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from distillkit.errors import DistillkitError
-from distillkit.pipeline import train
 from distillkit.registry import registry
-from distillkit.trainer import Trainer
+from distillkit.training.pipeline import train
+from distillkit.training.trainer import Trainer
 
 
 def _losses(run_dir: Path, key: str = "loss") -> list[float]:

@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from distillkit.cache import cache_root, fingerprint, publish_dir
 from distillkit.config import ModelConfig
 from distillkit.errors import DistillkitError
+from distillkit.files import cache_root, fingerprint, publish_dir
 
 log = logging.getLogger(__name__)
 

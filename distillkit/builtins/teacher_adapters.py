@@ -13,13 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distillkit import hookimpl
-from distillkit.batch import TrainBatch
-from distillkit.components import TeacherAdapterFactory
-from distillkit.errors import DistillkitError
-from distillkit.models import max_positions
-from distillkit.run import Run
-from distillkit.sampling import prefix_embeddings, with_prefix_slots
+from distillkit.api import DistillkitError, StepContext, TeacherAdapterFactory, TrainBatch, hookimpl
+from distillkit.engine.prefix import prefix_embeddings, with_prefix_slots
 
 PROMPT_INIT_TEXT = "Suppose you are a student."
 
@@ -29,7 +24,7 @@ class FrozenTeacher:
 
     extra_positions = 0  # positions the adapter adds in front of every sequence
 
-    def __init__(self, model: torch.nn.Module, run: Run) -> None:
+    def __init__(self, model: torch.nn.Module, run: StepContext) -> None:
         self.model = model.eval().requires_grad_(False)
 
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
@@ -89,7 +84,7 @@ class SoftPromptTeacher(FrozenTeacher):
     as in the original code; targets are computed in eval mode.
     """
 
-    def __init__(self, model: torch.nn.Module, run: Run, *, length: int = 7, init: str = "text",
+    def __init__(self, model: torch.nn.Module, run: StepContext, *, length: int = 7, init: str = "text",
                  init_text: str = PROMPT_INIT_TEXT, train_mode_for_grad: bool = True) -> None:
         super().__init__(model, run)
         if length < 1:
@@ -97,7 +92,7 @@ class SoftPromptTeacher(FrozenTeacher):
         self.prompt = SoftPrompt(initial_prompt(model, run.tokenizer, length, init, init_text))
         self.train_mode_for_grad = train_mode_for_grad
         self.extra_positions = length
-        self.max_positions = max_positions(model)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         if not adapted:
@@ -150,7 +145,7 @@ class _LoraState:
 class LoraTeacher(FrozenTeacher):
     """The frozen teacher with trainable LoRA matrices (PromptKD's ablation, via peft)."""
 
-    def __init__(self, model: torch.nn.Module, run: Run, *, rank: int = 8, alpha: int = 16,
+    def __init__(self, model: torch.nn.Module, run: StepContext, *, rank: int = 8, alpha: int = 16,
                  dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
         from peft import LoraConfig, get_peft_model
 

@@ -1,9 +1,8 @@
-"""Recipes: TOML files validated into typed configs, with ``--set`` overrides.
+"""The recipe schema: typed sections with their own value checks, and
+:func:`build`, which turns a plain dict into one of them.
 
-A recipe holds the model pair, the data, the training budget and per-method
-sections.  Every key is checked: an unknown key is an error that names the
-nearest valid key.  A recipe may ``extends = "other"`` to start from another
-recipe (tables are merged key by key).
+Every key is checked: an unknown key is an error that names the nearest
+valid key; a wrong type or value names the key and how to fix it.
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import tomllib
-
-from distillkit.errors import DistillkitError, OptionError, require
-from distillkit.registry import did_you_mean, registry
+from distillkit.api import Registered
+from distillkit.errors import DistillkitError, OptionError, did_you_mean, require
+from distillkit.registry import registry
 
 
 @dataclass
@@ -30,7 +27,7 @@ class ModelConfig:
     randomly initialised model from (``config``, e.g. ``{model_type = "gpt2",
     n_layer = 2}``), or, for the student, ``init_from = "teacher"``: a copy of
     the teacher cut to ``num_layers`` evenly spaced decoder layers (see
-    :func:`distillkit.models.shrink_model`).  ``path = "package:NAME"`` is the
+    :func:`distillkit.engine.models.shrink_model`).  ``path = "package:NAME"`` is the
     folder of the installed Python package ``NAME`` (found without importing
     it).  A GGUF model is de-quantised once and cached as safetensors.  With
     ``sft`` set, the model is first fine-tuned on the dataset responses with
@@ -201,6 +198,8 @@ class Recipe:
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _type_ok(value, typing.get_args(annotation)[0])
     if annotation is Any:
         return True
     if origin in (typing.Union, types.UnionType):
@@ -222,9 +221,22 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+
+
+def _check_registered_names(options: Any, hints: dict[str, Any]) -> None:
+    """Raise :class:`OptionError` for a field marked :class:`~distillkit.api.Registered`
+    (defaults included) whose value names no registered component."""
+    for name, annotation in hints.items():
+        if typing.get_origin(annotation) is not Annotated:
+            continue
+        for marker in typing.get_args(annotation)[1:]:
+            if isinstance(marker, Registered):
+                getattr(registry(), marker.category).require(getattr(options, name), name)
 
 
 def build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -232,7 +244,7 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
     raise :class:`DistillkitError` naming the key (``where.key``)."""
     if not isinstance(data, dict):
         raise DistillkitError(f"'{where}' must be a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -249,7 +261,9 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             raise DistillkitError(f"'{path}' must be {_describe(annotation)}, got {value!r}")
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        _check_registered_names(built, hints)
+        return built
     except OptionError as err:  # the dataclass's own checks
         key = f"{where}.{err.field}" if where else err.field
         raise DistillkitError(f"'{key}' {err.problem}; change it in the recipe or with --set {key}=...") from None
@@ -261,143 +275,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-# --- recipe files ------------------------------------------------------------
-
-
-def recipe_dir_files(pattern: str) -> dict[str, Path]:
-    """Files matching ``pattern`` (e.g. ``accelerate/*.yaml``) in the shipped
-    and plugin-provided recipe folders, by stem (later folders win)."""
-    found: dict[str, Path] = {}
-    for folder in registry().recipe_dirs:
-        for path in sorted(Path(folder).glob(pattern)):
-            found[path.stem] = path
-    return found
-
-
-def recipe_files() -> dict[str, Path]:
-    """Shipped and plugin-provided recipes, by name (later folders win)."""
-    return recipe_dir_files("*.toml")
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except UnicodeDecodeError as err:
-        raise DistillkitError(f"recipe file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as err:
-        raise DistillkitError(f"recipe file {path} is not valid TOML: {err}") from None
-
-
-def find_recipe(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise DistillkitError(f"recipe file {path} does not exist")
-        return path
-    files = recipe_files()
-    if name_or_path not in files:
-        raise DistillkitError(
-            f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, files)}; "
-            f"valid recipes: {', '.join(sorted(files)) or 'none'} (or pass a path to a .toml file)"
-        )
-    return files[name_or_path]
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, table by table (copies; neither input changes)."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def load_raw_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The recipe as a plain dict, with ``extends`` resolved."""
-    path = find_recipe(name_or_path)
-    if str(path) in _seen:
-        raise DistillkitError(f"recipe {path} extends itself (cycle: {' -> '.join(_seen)})")
-    raw = _read_toml(path)
-    raw.setdefault("name", path.stem)
-    parent = raw.pop("extends", None)
-    if parent is not None:
-        try:
-            base = load_raw_recipe(parent, (*_seen, str(path)))
-        except DistillkitError as err:
-            raise DistillkitError(f"{path} extends '{parent}': {err}") from None
-        raw = _merge(base, raw)
-    return raw
-
-
-def parse_override(assignment: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value``; the value is read as TOML (numbers, booleans,
-    strings in quotes, lists), else taken as a bare string."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise DistillkitError(f"--set expects key=value (e.g. training.lr=1e-4), got '{assignment}'")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return key.strip().split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    raw = copy.deepcopy(raw)
-    for assignment in assignments:
-        keys, value = parse_override(assignment)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise DistillkitError(f"--set {assignment}: '{key}' is a value, not a table")
-        node[keys[-1]] = value
-    return raw
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe."""
-    raw = apply_overrides(load_raw_recipe(name_or_path), overrides or [])
-    recipe = build(Recipe, raw, "")
-    for section in ("teacher", "student"):
-        sft = getattr(recipe, section).sft
-        if sft is not None:
-            build(TrainingConfig, sft, f"{section}.sft")
-    methods = registry().methods
-    for name in recipe.methods:
-        if name not in methods:
-            raise DistillkitError(
-                f"recipe section 'methods.{name}' names no registered method{did_you_mean(name, methods.names())}; "
-                f"registered: {', '.join(methods.names())}"
-            )
-        resolve_run(recipe, name)  # every method section is checked now, not when that method first runs
-    return recipe
-
-
-@dataclass
-class RunConfig:
-    """Everything one ``train`` run needs: the recipe, the method, its
-    validated options and the training settings after method overrides."""
-
-    recipe: Recipe
-    method: str
-    options: Any
-    training: TrainingConfig
-    student_init: Literal["pretrained", "sft"] = "pretrained"
-
-
-def resolve_run(recipe: Recipe, method_name: str) -> RunConfig:
-    """Combine the recipe with one method's ``[methods.NAME]`` section."""
-    method = registry().methods[method_name]
-    section = dict(recipe.methods.get(method_name, {}))
-    training_overrides = section.pop("training", {})
-    student_init = section.pop("student_init", method.student_init)
-    if student_init not in ("pretrained", "sft"):
-        raise DistillkitError(f"'methods.{method_name}.student_init' must be 'pretrained' or 'sft', got {student_init!r}")
-    options = build(method.options, section, f"methods.{method_name}")
-    training = build(TrainingConfig, _merge(to_dict(recipe.training), training_overrides),
-                     f"methods.{method_name}.training")
-    return RunConfig(recipe=recipe, method=method_name, options=options, training=training,
-                     student_init=student_init)

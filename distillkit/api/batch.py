@@ -1,12 +1,27 @@
-"""Token-level batch types shared by sources, adapters, methods and the trainer."""
+"""The data types a plugin sees: examples, token-level batches, and the
+helpers that build batches from token ids."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 
-from distillkit.components import InstructionExample
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One instruction-following example, independent of its file format.
+
+    ``references`` holds one or more reference responses; the first is the
+    training target.  ``origin`` says where the row came from (``file:line``)
+    so that errors can point at it.
+    """
+
+    instruction: str
+    input: str
+    references: tuple[str, ...]
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,18 +103,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, attention_mask
 
 
-@dataclass
-class RolloutBatch(TrainBatch):
-    """Rollouts ``[x ‖ y]`` plus what was computed when they were sampled.
+CappedEnding = Literal["open", "eos"]
+"""What a sampled response cut at its length limit ends with: ``"open"`` as
+sampled, ``"eos"`` its last token replaced by EOS."""
 
-    ``old_logprobs`` and ``teacher_logprobs`` (B, T-1): log q_old(y_t) of the
-    student that sampled and log p(y_t) of the teacher, aligned with
-    ``labels`` and zero off the response.  ``teacher_logits`` (B, T-1, V):
-    the teacher's logits at response positions (zero elsewhere), or None when
-    they were not kept.  ``lm``: the step's dataset examples ``[x ‖ y*]``.
-    """
 
-    old_logprobs: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    teacher_logits: torch.Tensor | None
-    lm: TrainBatch
+def ended_with_eos(response: list[int], eos_token_id: int) -> list[int]:
+    """``response`` with its last token replaced by EOS unless it already
+    ends with one (a response cut at its length limit; empty stays empty)."""
+    if not response or response[-1] == eos_token_id:
+        return response
+    return [*response[:-1], eos_token_id]

@@ -1,12 +1,9 @@
 """Token-level divergences between a trainable distribution Q and a target P.
 
 All values are true divergences in nats (the entropy terms are included, so
-they are >= 0 and zero for identical inputs), computed from logits with
-``log_softmax`` in fp32.  :func:`masked_divergence` gathers the response
-positions, loops over chunks of ``chunk_size`` rows under activation
-checkpointing (backward keeps only each chunk's input logits and recomputes
-its softmax), and averages over the response tokens.  Peak extra memory is
-therefore O(chunk_size * V) instead of several (B, T, V) fp32 copies.
+they are >= 0 and zero for identical inputs), per row of fp32
+log-probabilities (N, V) -> (N,); masking, chunking and averaging over
+response tokens are :mod:`distillkit.engine.losses`'.
 
 Names follow the trainable/target roles: ``forward_kl`` is KL(P || Q),
 ``reverse_kl`` is KL(Q || P), where Q is the side being trained.
@@ -30,12 +27,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from distillkit import hookimpl
-from distillkit.components import Divergence
-
-DEFAULT_CHUNK_SIZE = 1024
+from distillkit.api import Divergence, hookimpl
+from distillkit.engine.losses import check_mixture_weight, log_mixture
 
 
 def _plain_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -77,25 +71,6 @@ def reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch
     return _kl(trainable_logp, target_logp)
 
 
-def _check_weight(weight_p: float) -> None:
-    if not 0.0 <= weight_p <= 1.0:
-        raise ValueError(f"mixture weight must be in [0, 1], got {weight_p}")
-
-
-def log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p * P + (1 - weight_p) * Q), elementwise (any shape), with logaddexp.
-
-    -inf where both inputs are -inf, with zero (not NaN) gradient there.
-    """
-    _check_weight(weight_p)
-    if weight_p in (0.0, 1.0):
-        return logp if weight_p == 1.0 else logq
-    both = (logp == -math.inf) & (logq == -math.inf)  # logaddexp(-inf, -inf) has a NaN gradient
-    safe_p, safe_q = torch.where(both, 0.0, logp), torch.where(both, 0.0, logq)
-    mixed = torch.logaddexp(safe_p + math.log(weight_p), safe_q + math.log1p(-weight_p))
-    return torch.where(both, -math.inf, mixed)
-
-
 def _kl_to_mixture(
     logp: torch.Tensor, logq: torch.Tensor, weight_p: float, coef_p: float, coef_q: float
 ) -> torch.Tensor:
@@ -105,7 +80,7 @@ def _kl_to_mixture(
     too, and logaddexp's backward is NaN there; such a chunk (detected for free:
     the plain KL of a side with a -inf is NaN) is recomputed with the masked ops.
     """
-    _check_weight(weight_p)
+    check_mixture_weight(weight_p)
 
     def combine(kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], log_m: torch.Tensor) -> torch.Tensor:
         terms = [c * kl(side, log_m) for c, side in ((coef_p, logp), (coef_q, logq)) if c != 0.0]
@@ -146,94 +121,6 @@ def skew_reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alp
 def total_variation(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """0.5 * sum_v |P(v) - Q(v)| (N, V) -> (N,), in [0, 1]; -inf columns need no masking."""
     return 0.5 * (target_logp.exp() - trainable_logp.exp()).abs().sum(-1)
-
-
-def chunked_rows(
-    per_row: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """``per_row(*rows)`` (N,) computed over row chunks of the (N, ...) tensors ``rows``.
-
-    Each chunk runs under activation checkpointing when gradients are needed,
-    so backward keeps only the chunk inputs and recomputes the rest.
-    """
-    if rows[0].shape[0] <= chunk_size:
-        chunks = [rows]
-    else:
-        chunks = [tuple(r[start : start + chunk_size] for r in rows) for start in range(0, rows[0].shape[0], chunk_size)]
-    needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
-    if not needs_grad or rows[0].shape[0] == 0:
-        return torch.cat([per_row(*chunk) for chunk in chunks])
-    return torch.cat([checkpoint(per_row, *chunk, use_reentrant=False) for chunk in chunks])
-
-
-def masked_token_divergences(
-    divergence: Divergence,
-    trainable_logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    **params: float,
-) -> torch.Tensor:
-    """Divergence (N,) fp32, in nats, at each masked position, in row-major
-    order of ``mask`` (B, T); ``trainable_logits`` and ``target_logits``:
-    (B, T, V) in any float dtype."""
-    if trainable_logits.shape != target_logits.shape:
-        raise ValueError(
-            f"trainable and target logits differ in shape: {tuple(trainable_logits.shape)} vs "
-            f"{tuple(target_logits.shape)}"
-        )
-    unknown = set(params) - set(divergence.params)
-    if unknown:
-        raise ValueError(f"divergence '{divergence.name}' has no parameter(s) {sorted(unknown)}")
-    kwargs = {**divergence.params, **params}
-    mask = mask.bool()
-
-    def per_row(trainable: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        trainable_logp = torch.log_softmax(trainable.float() / temperature, dim=-1)
-        target_logp = torch.log_softmax(target.float() / temperature, dim=-1)
-        return divergence.per_token(trainable_logp, target_logp, **kwargs)
-
-    return chunked_rows(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size)
-
-
-def masked_divergence(
-    divergence: Divergence, trainable_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
-    **options: float,
-) -> torch.Tensor:
-    """Mean divergence over the masked positions.
-
-    ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
-    ``mask``: (B, T), true at the response positions to score; ``options``:
-    those of :func:`masked_token_divergences`.  Returns a scalar fp32 tensor
-    (nats per response token); 0 when the mask is empty.
-    """
-    total = masked_token_divergences(divergence, trainable_logits, target_logits, mask, **options).sum()
-    return total / mask.sum().clamp(min=1)
-
-
-def masked_token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """log-probability (N,) fp32 of each masked label (B, T) under ``logits``
-    (B, T, V), in row-major order of ``mask``; chunked like
-    :func:`masked_divergence`."""
-    mask = mask.bool()
-
-    def per_row(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return -torch.nn.functional.cross_entropy(rows.float(), targets, reduction="none")
-
-    return chunked_rows(per_row, logits[mask], labels[mask], chunk_size=chunk_size)
-
-
-def masked_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """Mean negative log-likelihood of ``labels`` (B, T) under ``logits``
-    (B, T, V) over the masked positions, in nats per token."""
-    logprobs = masked_token_logprobs(logits, labels, mask, chunk_size=chunk_size)
-    return -logprobs.sum() / mask.sum().clamp(min=1)
 
 
 BUILTIN_DIVERGENCES = [

@@ -1,4 +1,4 @@
-"""The component types that plugins register (see :mod:`distillkit.hookspecs`).
+"""The component types that plugins register (see :mod:`distillkit.api.hookspecs`).
 
 Shapes: ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``N`` masked
 (response) tokens.  Every token-level loss is averaged over response tokens
@@ -10,15 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
 
-    from distillkit.batch import ExampleBatch, TrainBatch
-    from distillkit.run import Run
+    from distillkit.api import ExampleBatch, TrainBatch
+    from distillkit.api.batch import InstructionExample
+    from distillkit.training.run import Run
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Marks an option whose value names a registered component of
+    ``category`` (a :class:`~distillkit.registry.Registry` attribute): the
+    run assembly checks the value, default included, against the registry,
+    e.g. ``divergence: Annotated[str, Registered("divergences")]``."""
+
+    category: Literal["methods", "sources", "teacher_adapters", "divergences", "schedules", "data_formats",
+                      "datasets"]
+
+
+DivergenceName = Annotated[str, Registered("divergences")]
+"""An option naming a registered divergence."""
+ScheduleName = Annotated[str, Registered("schedules")]
+"""An option naming a registered schedule."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,7 @@ class Divergence:
     log-softmaxed) and returns the divergence per row, shape ``(N,)``, in nats.
     ``params`` are the divergence's own parameters (e.g. ``beta``) with their
     defaults.  Chunking, masking and averaging are done by the core
-    (:func:`distillkit.divergences.masked_divergence`).
+    (:func:`distillkit.engine.losses.masked_divergence`).
     """
 
     name: str
@@ -164,21 +182,6 @@ class TeacherAdapterFactory:
     name: str
     description: str
     build: Callable[..., TeacherAdapter]
-
-
-@dataclass(frozen=True)
-class InstructionExample:
-    """One instruction-following example, independent of its file format.
-
-    ``references`` holds one or more reference responses; the first is the
-    training target.  ``origin`` says where the row came from (``file:line``)
-    so that errors can point at it.
-    """
-
-    instruction: str
-    input: str
-    references: tuple[str, ...]
-    origin: str = ""
 
 
 @dataclass(frozen=True)

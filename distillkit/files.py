@@ -1,5 +1,6 @@
-"""The on-disk cache of prepared artefacts (tokenizers, fine-tuned models,
-teacher generations), keyed by a hash of everything that determines them."""
+"""Files: the on-disk cache of prepared artefacts (tokenizers, fine-tuned
+models, teacher generations), keyed by a hash of everything that determines
+them; the one atomic writer; locks; publishing a finished folder."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,12 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def keyed_generator(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded by :func:`fingerprint` of ``parts``: the same
+    stream in every process, independent of the global RNG."""
+    return torch.Generator().manual_seed(int(fingerprint(*parts), 16))
 
 
 def files_fingerprint(paths: list[Path]) -> str:

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from distillkit.batch import TokenizedExample, TrainBatch, collate
-from distillkit.divergences import masked_token_divergences
+from distillkit.api import TokenizedExample, TrainBatch, collate
+from distillkit.engine.losses import masked_token_divergences
+from distillkit.engine.sampling import SamplingSettings
 from distillkit.errors import DistillkitError
-from distillkit.evaluation import generate, load_model_dir
+from distillkit.evaluation.protocol import generate, load_model_dir
 from distillkit.registry import registry
-from distillkit.sampling import SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
     ``limit`` prompts of ``data``; prompts are cut (keeping their end) so
     that prompt + ``steps`` fits the teacher.  Returns a JSON-ready report."""
     from distillkit.config import DataConfig, GenerationConfig, build
-    from distillkit.data import load_eval_set, tokenize
-    from distillkit.models import check_shared_vocabulary, max_positions
+    from distillkit.data.loading import load_eval_set
+    from distillkit.data.tokenization import tokenize
+    from distillkit.engine.models import check_shared_vocabulary, max_positions
 
     teacher, tokenizer, recipe = load_model_dir(teacher_dir)
     positions = max_positions(teacher) or 2**31

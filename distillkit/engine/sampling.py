@@ -16,9 +16,9 @@ the single-process run does.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -29,9 +29,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from distillkit.batch import left_pad
-
-CappedEnding = Literal["open", "eos"]
+from distillkit.api.batch import CappedEnding, ended_with_eos, left_pad
+from distillkit.engine.prefix import prefix_embeddings, with_prefix_slots
 
 
 @dataclass(frozen=True)
@@ -107,33 +106,6 @@ def gumbel_noise(row_keys: torch.Tensor, token_index: int, vocab_size: int) -> t
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@contextlib.contextmanager
-def prefix_embeddings(model: torch.nn.Module, prefix: torch.Tensor) -> Iterator[None]:
-    """Within the context, the first m positions of every forward pass of
-    ``model`` take ``prefix`` (m, d) as their input embeddings, whatever token
-    ids stand there.  The swap happens inside the embedding layer's forward,
-    so it also works when the weights are sharded (FSDP gathers them only
-    during the forward pass), and gradients flow into ``prefix``."""
-    length = prefix.shape[0]
-
-    def swap(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        front = prefix.to(device=output.device, dtype=output.dtype).expand(output.shape[0], -1, -1)
-        return torch.cat([front, output[:, length:]], dim=1)
-
-    handle = model.get_input_embeddings().register_forward_hook(swap)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def with_prefix_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
-    """(B, T) ids and mask with ``length`` attended placeholder positions in
-    front, for :func:`prefix_embeddings` to fill."""
-    slots = input_ids.new_zeros((input_ids.shape[0], length))
-    return torch.cat([slots, input_ids], dim=1), torch.cat([torch.ones_like(slots), attention_mask], dim=1)
 
 
 def _prefill(
@@ -251,11 +223,3 @@ def sample(
         response = row[: min(end, limit)]
         responses.append(ended_with_eos(response, eos_token_id) if capped_ending == "eos" else response)
     return responses
-
-
-def ended_with_eos(response: list[int], eos_token_id: int) -> list[int]:
-    """``response`` with its last token replaced by EOS unless it already
-    ends with one (a response cut at its length limit; empty stays empty)."""
-    if not response or response[-1] == eos_token_id:
-        return response
-    return [*response[:-1], eos_token_id]

@@ -27,14 +27,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from distillkit.plugins.kd import KDOptions, kd_loss
 
-from distillkit import hookimpl
-from distillkit.batch import RolloutBatch
-from distillkit.components import Method, Stage
-from distillkit.divergences import log_mixture, masked_token_logprobs
-from distillkit.errors import require
-from distillkit.run import Run
+from distillkit.api import Method, SourceFactory, Stage, StepContext, hookimpl, require
+from distillkit.engine.losses import log_mixture, masked_token_logprobs
+from distillkit.plugins.kd import KDOptions, kd_loss
+from distillkit.plugins.minillm.rollouts import RolloutBatch, TeacherMixedRollouts
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,7 @@ def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, block
     return ((values - mean) / math.sqrt(squares / max(entries, 1.0) + 1e-8)).float().detach()
 
 
-def minillm_loss(run: Run, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+def minillm_loss(run: StepContext, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     opts: MiniLLMOptions = run.options
     mask = batch.label_mask
     student = run.student_logits(batch)
@@ -117,6 +114,12 @@ def minillm_loss(run: Run, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     loss = pg + (single_step if opts.single_step else 0.0) + opts.lm_coef * pt["loss"]
     return {"loss": loss, "pg": pg, "single_step": single_step, "pt": pt["loss"], "pt_ce": pt["ce"], "pt_kl": pt["kl"],
             "reward": (teacher - old).mean(), "w": w.mean(), "clipped": (ratio != clipped).float().mean()}
+
+
+@hookimpl
+def distillkit_register_sources() -> list[SourceFactory]:
+    return [SourceFactory("rollouts", "a buffer of teacher-mixed student samples, reused for several passes",
+                          TeacherMixedRollouts)]
 
 
 @hookimpl

@@ -29,7 +29,7 @@ A run is then assembled by name (never by ``if method == ...``):
    function of the optimizer step ``k`` and the total ``K``.
 
 The component types (``Method``, ``Divergence``, ...) are defined in
-:mod:`distillkit.components`; their docstrings give the exact contracts.
+:mod:`distillkit.api.components`; their docstrings give the exact contracts.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from distillkit.components import (
+    from distillkit.api import (
         DataFormat,
         DatasetSpec,
         Divergence,
@@ -61,7 +61,7 @@ hookspec = pluggy.HookspecMarker("distillkit")
 def distillkit_register_methods() -> list[Method]:
     """Return the distillation methods this plugin provides.
 
-    A :class:`~distillkit.components.Method` is a named composition of a
+    A :class:`~distillkit.api.Method` is a named composition of a
     pseudo-target source, a teacher adapter and one or more update stages
     whose losses use divergences and schedules.  Its ``options`` dataclass
     declares the hyper-parameters a recipe may set under ``[methods.NAME]``.

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from rouge_score import rouge_scorer
 
-from distillkit.batch import TokenizedExample
-from distillkit.cache import cache_root, files_fingerprint, fingerprint, write_json_atomic
+from distillkit.api import TokenizedExample
+from distillkit.engine.sampling import SamplingSettings, sample, settings_from
 from distillkit.errors import DatasetUnavailable, DistillkitError
-from distillkit.sampling import SamplingSettings, sample, settings_from
+from distillkit.files import cache_root, files_fingerprint, fingerprint, write_json_atomic
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -139,7 +139,7 @@ def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any
     ``model.name_or_path`` is the folder read."""
     from transformers import AutoModelForCausalLM
 
-    from distillkit.models import load_tokenizer
+    from distillkit.engine.models import load_tokenizer
 
     model_dir = model_folder(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
@@ -172,7 +172,7 @@ def eval_setup(model: torch.nn.Module, recipe: dict[str, Any], batch_size: int,
     """The lengths and sampling of the run's recipe (``batch_size`` 0: the
     recipe's), with lengths cut to the positions the model takes."""
     from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
-    from distillkit.models import max_positions
+    from distillkit.engine.models import max_positions
 
     data_cfg = build(DataConfig, recipe.get("data", {}), "data")
     generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
@@ -223,7 +223,8 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     examples (token ids and references, so data, template, filter and limit),
     the seed, lengths, sampling settings, batch size (batches share one
     generator) and device type."""
-    from distillkit.data import dataset_spec, keep_long_references, load_eval_set, tokenize
+    from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
+    from distillkit.data.tokenization import tokenize
 
     rows = load_eval_set(name)
     spec = dataset_spec(name)

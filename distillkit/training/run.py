@@ -3,6 +3,7 @@ the shared loss helpers (all averaged over response tokens)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,13 +11,13 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from distillkit.batch import TokenizedExample, TrainBatch
-from distillkit.cache import fingerprint
-from distillkit.components import TeacherAdapter
+from distillkit.api import CappedEnding, ExampleBatch, TeacherAdapter, TokenizedExample, TrainBatch
 from distillkit.config import RunConfig
-from distillkit.divergences import masked_cross_entropy, masked_divergence
+from distillkit.data.tokenization import tokenize
+from distillkit.engine.losses import masked_cross_entropy, masked_divergence
+from distillkit.engine.sampling import sample, settings_from
+from distillkit.files import fingerprint
 from distillkit.registry import registry
-from distillkit.sampling import CappedEnding, sample, settings_from
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Run:
     ``process_index`` / ``num_processes`` place this process in a
     multi-process run (sources that collect data themselves take their
     share); ``keep_going`` is the sampler's cross-process "unfinished"
-    reduction when a model is sharded (see :func:`distillkit.sampling.sample`);
+    reduction when a model is sharded (see :func:`distillkit.engine.sampling.sample`);
     ``global_sum`` sums a tensor over the processes (every process must call
     it the same number of times, e.g. once per micro-batch).
     """
@@ -91,10 +92,10 @@ class Run:
         capped_ending: CappedEnding = "open",
     ) -> list[list[int]]:
         """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
-        see :func:`distillkit.sampling.sample`) with the recipe's
+        see :func:`distillkit.engine.sampling.sample`) with the recipe's
         ``[generation]`` settings, each capped so that its prompt + response
         fits in ``data.max_length`` minus the positions the teacher adapter
-        prepends; ``capped_ending`` as in :func:`distillkit.sampling.sample`.
+        prepends; ``capped_ending`` as in :func:`distillkit.engine.sampling.sample`.
 
         Each row's randomness is keyed by ``key`` (default: the training seed
         and the step k) and its prompt, so a prompt gets the same sample
@@ -121,3 +122,14 @@ class Run:
         total_iters`` with ``global_step`` starting at 1)."""
         schedule = registry().schedules[name]
         return schedule.value(self.step + 1, self.total_steps, **{**schedule.params, **params})
+
+    def tokenize_responses(self, examples: ExampleBatch, texts: list[str]) -> list[list[int]]:
+        """``texts`` tokenized as the responses of ``examples``' prompts, the
+        data pipeline's way (joint with the prompt, EOS appended), each cut
+        so that prompt + response fits in ``data.max_length``."""
+        generated = [dataclasses.replace(e.example, references=(text,)) for e, text in zip(examples, texts)]
+        max_length = self.config.recipe.data.max_length
+        # training=False drops no example, so the results stay aligned with ``examples``
+        tokenized, _ = tokenize(generated, self.tokenizer, max_prompt_length=max_length - 1, max_length=max_length,
+                                training=False)
+        return [t.response_ids[: max_length - len(e.prompt_ids)] for t, e in zip(tokenized, examples)]

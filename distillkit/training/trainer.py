@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import re
 import resource
@@ -42,17 +41,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import SafetensorError
 from transformers import get_scheduler
 
-from distillkit.batch import TokenizedExample, TrainBatch, collate
-from distillkit.cache import write_text_atomic
-from distillkit.components import Method
+from distillkit.api import Method, TokenizedExample, TrainBatch, collate
 from distillkit.config import RunConfig, TrainingConfig, to_dict
+from distillkit.engine.layout import cpu_processes, mixed_precision
+from distillkit.engine.models import save_model
+from distillkit.engine.sampling import settings_from
 from distillkit.errors import DistillkitError
-from distillkit.evaluation import evaluate
-from distillkit.models import save_model
+from distillkit.evaluation.protocol import evaluate
+from distillkit.files import write_text_atomic
 from distillkit.registry import registry
-from distillkit.run import Run
-from distillkit.sampling import settings_from
-from distillkit.state import load_state, save_state
+from distillkit.training.checkpoints import load_state, save_state
+from distillkit.training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -135,31 +134,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def check_launch_layout() -> None:
-    """Refuse, before any model is loaded, a layout the trainer cannot run."""
-    from distillkit.planning import layout_from_environment
-
-    layout = layout_from_environment()
-    if layout is not None and layout.kind == "zero3":
-        raise NotImplementedError(
-            "DeepSpeed ZeRO-3: transformers then loads every model partitioned (zero.Init), and distillkit's frozen "
-            "teacher and vocabulary checks need whole weights; use ZeRO-2 (recipes/accelerate/zero2.yaml) or FSDP "
-            "(recipes/accelerate/fsdp.yaml, which can also shard the teacher)")
-
-
-def cpu_processes() -> bool:
-    """True when several processes start on a machine without CUDA (e.g.
-    ``accelerate launch --multi_gpu --num_processes 2`` on CPU): accelerate
-    then needs ``cpu=True`` to join them over gloo."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def total_steps(training: TrainingConfig, num_examples: int) -> int:

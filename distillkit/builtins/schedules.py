@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from distillkit import hookimpl
-from distillkit.components import Schedule
+from distillkit.api import Schedule
 
 
 def _progress(k: int, total: int) -> float:

@@ -1,0 +1,85 @@
+"""What a stage loss and a source may call: the step context.
+
+The trainer passes one :class:`StepContext` (``run``) to every stage loss
+``loss(run, batch)``, source factory ``build(run, **options)`` and teacher
+adapter factory ``build(teacher, run, **options)``.  Shapes: B batch, T
+positions, V the tokenizer's vocabulary; every loss helper averages over the
+batch's response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from distillkit.api.batch import CappedEnding, ExampleBatch, TokenizedExample, TrainBatch
+    from distillkit.api.components import TeacherAdapter
+    from distillkit.config import RunConfig
+
+
+class StepContext(Protocol):
+    """The live run as a method sees it.
+
+    - ``config``: the assembled run (``config.recipe``, ``config.training``);
+      ``options``: the method's validated options (its ``[methods.NAME]`` section).
+    - ``step``: k, optimizer steps done so far (0-based); ``total_steps``: K.
+    - ``student``, ``tokenizer``; ``teacher``: the teacher adapter, or None.
+    - ``train_examples``: the tokenized training set (for sources that
+      pre-generate); ``teacher_id``: names the teacher checkpoint (cache keys).
+    - ``process_index`` / ``num_processes``: this process in a multi-process
+      run (sources that collect data themselves take their share).
+    """
+
+    config: RunConfig
+    student: torch.nn.Module
+    tokenizer: Any
+    teacher: TeacherAdapter | None
+    step: int
+    total_steps: int
+    train_examples: list[TokenizedExample]
+    teacher_id: str
+    process_index: int
+    num_processes: int
+
+    @property
+    def options(self) -> Any: ...
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's size; logits are sliced to it (padded output rows)."""
+
+    def student_logits(self, batch: TrainBatch) -> torch.Tensor:
+        """Student next-token logits (B, T-1, V) aligned with ``batch.labels``."""
+
+    def teacher_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
+        """Teacher next-token logits (B, T-1, V); no gradient unless ``grad``;
+        ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
+
+    def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """Negative log-likelihood of the batch's response tokens (nats per token)."""
+
+    def divergence(self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch, *,
+                   temperature: float = 1.0, **params: float) -> torch.Tensor:
+        """Registered divergence ``name`` between trainable and target logits
+        (B, T-1, V), averaged over response tokens (nats per token)."""
+
+    def schedule(self, name: str, **params: float) -> float:
+        """Registered schedule ``name`` at the step being taken, k = step + 1 of K."""
+
+    def sample(self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
+               key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None,
+               mix_weight: float = 0.0, capped_ending: CappedEnding = "open") -> list[list[int]]:
+        """One response (token ids, through the first EOS) per prompt, with the
+        recipe's ``[generation]`` settings; randomness keyed by ``key``
+        (default: seed and step) and the prompt."""
+
+    def global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (every process must call it
+        the same number of times, e.g. once per micro-batch)."""
+
+    def tokenize_responses(self, examples: ExampleBatch, texts: list[str]) -> list[list[int]]:
+        """``texts`` tokenized as the responses of ``examples``' prompts, as the
+        data pipeline tokenizes dataset responses (joint with the prompt, EOS
+        appended, cut to ``data.max_length``)."""

@@ -1,0 +1,1 @@
+"""The one data pipeline: formats, dataset registrations, loading, the prompt template, tokenization."""

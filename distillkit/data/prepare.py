@@ -1,0 +1,71 @@
+"""A recipe's shared tokenizer and its tokenized training and validation data."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillkit.config import Recipe, to_dict
+from distillkit.data.loading import load_split
+from distillkit.data.templates import format_prompt
+from distillkit.data.tokenization import tokenize
+from distillkit.engine.models import load_tokenizer, train_bpe_tokenizer
+from distillkit.errors import DistillkitError
+from distillkit.files import cache_root, fingerprint, publish_dir
+
+log = logging.getLogger(__name__)
+
+
+def data_identity(recipe: Recipe) -> dict[str, Any]:
+    """The fields of ``[data]`` that change which training examples exist."""
+    data = to_dict(recipe.data)
+    return {k: data[k] for k in ("dataset", "format", "files", "train_limit", "split_seed", "max_prompt_length",
+                                 "max_length")}
+
+
+def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
+    """The recipe's shared tokenizer and an identity string for cache keys."""
+    settings = recipe.tokenizer
+    if settings.train_vocab_size:
+        key = fingerprint("bpe", settings.train_vocab_size, data_identity(recipe))
+        folder = cache_root() / "tokenizers" / key
+        if not (folder / "tokenizer.json").is_file():
+            examples = load_split(recipe.data, "train")
+            log.info("training a %d-token byte-level BPE tokenizer on %d examples", settings.train_vocab_size,
+                     len(examples))
+            tokenizer = train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples),
+                                            settings.train_vocab_size)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            tokenizer.save_pretrained(scratch)
+            publish_dir(scratch, folder)
+        return load_tokenizer(str(folder)), f"bpe-{key}"
+    path = settings.path or recipe.teacher.path or recipe.student.path
+    if path is None:
+        raise DistillkitError("set tokenizer.path or tokenizer.train_vocab_size (no model path to take it from)")
+    gguf = recipe.teacher.gguf_file if path == recipe.teacher.path else None
+    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=recipe.teacher.trust_remote_code), path
+
+
+@dataclass
+class PreparedData:
+    train: list
+    validation: list
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    data = recipe.data
+    train_examples = load_split(data, "train")
+    if data.train_limit:
+        train_examples = train_examples[: data.train_limit]
+    train, dropped = tokenize(train_examples, tokenizer, max_prompt_length=data.max_prompt_length,
+                              max_length=data.max_length, training=True)
+    if dropped:
+        log.info("dropped %d of %d training examples whose prompt exceeds %d tokens", dropped, len(train_examples),
+                 data.max_prompt_length)
+    validation, _ = tokenize(load_split(data, "validation"), tokenizer, max_prompt_length=data.max_prompt_length,
+                             max_length=data.max_length, training=False)
+    return PreparedData(train, validation)

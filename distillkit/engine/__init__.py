@@ -1,0 +1,1 @@
+"""The engine: models, the sampler, masked loss math and the device layout."""

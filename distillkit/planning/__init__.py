@@ -1,0 +1,1 @@
+"""The memory planner (``distillkit train --dry-run``)."""
