@@ -70,10 +70,10 @@ def worker(case: str, steps: int, prepare_only: bool) -> dict:
     """Run one case in this process and return the measurements and the estimate."""
     import torch
 
-    from distillkit.training import pipeline
     from distillkit.config import load_recipe
     from distillkit.engine.layout import single_layout
     from distillkit.planning.estimate import estimate
+    from distillkit.training import pipeline
     from distillkit.training.trainer import Trainer
 
     torch.set_num_threads(2)

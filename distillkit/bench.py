@@ -324,7 +324,7 @@ def dry_run(config: BenchConfig, console: Console) -> None:
     plan = Table("cell", "what", title=f"bench plan: recipe {recipe.name} -> {config.output}")
     for method in config.methods:
         method_spec = registry().methods[method]
-        plan.add_row(f"train {method}", f"source {method_spec.source}, teacher {method_spec.teacher}, "
+        plan.add_row(f"train {method}", f"source {method_spec.source}, teacher adapter {method_spec.teacher_adapter}, "
                                         f"from {method_spec.student_init} student")
     for model in ["teacher", *config.methods]:
         plan.add_row(f"eval {model}", f"{', '.join(config.sets)} x seeds {config.seeds}"

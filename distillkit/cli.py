@@ -56,14 +56,14 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     except DistillkitError as error:
         _fail(error)
     rows = [{"name": name, "plugin": category.entry(name).plugin, "description": category[name].description,
-             "source": category[name].source, "teacher": category[name].teacher}
+             "source": category[name].source, "teacher_adapter": category[name].teacher_adapter}
             for name in category.names()]
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("method", "plugin", "source", "teacher", "description", title="registered methods")
+    table = Table("method", "plugin", "source", "teacher adapter", "description", title="registered methods")
     for row in rows:
-        table.add_row(row["name"], row["plugin"], row["source"], str(row["teacher"]), row["description"])
+        table.add_row(row["name"], row["plugin"], row["source"], str(row["teacher_adapter"]), row["description"])
     out.print(table)
 
 

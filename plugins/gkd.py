@@ -51,7 +51,7 @@ def gkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="gkd", description="on-policy KD: student samples with prob. lambda, generalized JSD(beta)",
-                   stages=(Stage("student", gkd_loss, dropout=lambda o: o.student_dropout),), source="mixture",
-                   teacher="frozen", options=GKDOptions, student_init="sft",
+                   stages=(Stage("student", gkd_loss, student_mode=lambda o: "train" if o.student_dropout else "eval"),), source="mixture",
+                   teacher_adapter="frozen", options=GKDOptions, student_init="sft",
                    source_options=lambda o: {"fraction": o.on_policy_fraction, "schedule": o.on_policy_schedule,
                                              "capped_ending": o.capped_ending})]

@@ -40,4 +40,4 @@ def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="kd", description="word-level KD: LM loss + forward KL to the teacher on dataset responses",
-                   stages=(Stage("student", kd_loss),), source="dataset", teacher="frozen", options=KDOptions)]
+                   stages=(Stage("student", kd_loss),), source="dataset", teacher_adapter="frozen", options=KDOptions)]

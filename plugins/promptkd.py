@@ -61,7 +61,7 @@ def prompt_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
     prompted = run.teacher_logits(batch, grad=True)  # gradient reaches P only
     with torch.no_grad():
-        student = run.student_logits(batch)  # in eval mode: the stage sets dropout=False
+        student = run.student_logits(batch)  # in eval mode: the stage sets student_mode="eval"
     l_kd = run.divergence(_kl(opts.kd_direction), prompted, student, batch)
     terms = {"l_kd": l_kd}
     loss = l_kd
@@ -86,9 +86,9 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(
         name="promptkd",
         description="student samples; soft prompt on the teacher tuned for the student, then reverse-KL KD",
-        stages=(Stage("teacher_adapter", prompt_loss, dropout=False), Stage("student", student_loss)),
-        source="student", teacher="soft_prompt", options=PromptKDOptions, student_init="sft",
+        stages=(Stage("teacher_adapter", prompt_loss, student_mode="eval"), Stage("student", student_loss)),
+        source="student", teacher_adapter="soft_prompt", options=PromptKDOptions, student_init="sft",
         source_options=lambda o: {"capped_ending": o.capped_ending},
-        teacher_options=lambda o: {"length": o.prompt_length, "init": o.prompt_init, "init_text": o.prompt_init_text,
+        teacher_adapter_options=lambda o: {"length": o.prompt_length, "init": o.prompt_init, "init_text": o.prompt_init_text,
                                    "train_mode_for_grad": o.teacher_dropout_in_prompt_step},
     )]

@@ -18,4 +18,4 @@ def sft_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="sft", description="supervised fine-tuning on dataset responses",
-                   stages=(Stage("student", sft_loss),), source="dataset", teacher=None)]
+                   stages=(Stage("student", sft_loss),), source="dataset", teacher_adapter=None)]

@@ -52,14 +52,14 @@ def _run(recipe_file, tokenizer, method: str, *, overrides=(), teacher: str = "f
     run.student = _model(tokenizer, seed=7, dropout=dropout)
     teacher_model = _model(tokenizer, seed=9, n_embd=48)
     adapter = registry().teacher_adapters[teacher]
-    run.teacher = adapter.build(teacher_model, run, **registry().methods[method].teacher_options(run.options))
+    run.teacher = adapter.build(teacher_model, run, **registry().methods[method].teacher_adapter_options(run.options))
     return run
 
 
 def _stage_terms(run, stage_index: int, batch: TrainBatch) -> dict[str, torch.Tensor]:
     """A stage's loss terms with the student in the mode the trainer sets."""
     stage = registry().methods[run.config.method].stages[stage_index]
-    run.student.train(stage.student_train_mode(run.options))
+    run.student.train(stage.student_mode_for(run.options) == "train")
     return stage.loss(run, batch)
 
 
@@ -183,7 +183,7 @@ def test_gkd_student_dropout_and_loss_temperature_are_options(recipe_file, token
     run = _run(recipe_file, tokenizer, "gkd", overrides=["methods.gkd.student_dropout=true",
                                                          "methods.gkd.loss_temperature=2.0"])
     stage = registry().methods["gkd"].stages[0]
-    assert stage.student_train_mode(run.options)
+    assert stage.student_mode_for(run.options) == "train"
     run.student.eval()  # compare the temperature alone, on a deterministic forward
     terms = stage.loss(run, _batch(tokenizer))
     batch = _batch(tokenizer)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distillkit.engine import models
 from distillkit.config import ModelConfig, load_recipe, resolve_run
+from distillkit.engine import models
 from distillkit.engine.models import (
     cached_gguf_folder,
     gguf_cache_dir,

@@ -32,12 +32,14 @@ from distillkit.api.components import (
     DivergenceName,
     Method,
     NoOptions,
+    ParameterGroup,
     PseudoTargetSource,
     Registered,
     Schedule,
     ScheduleName,
     SourceFactory,
     Stage,
+    StudentMode,
     TeacherAdapter,
     TeacherAdapterFactory,
 )
@@ -47,8 +49,8 @@ from distillkit.files import cache_root, fingerprint, keyed_generator, write_jso
 
 __all__ = [
     "CappedEnding", "DataFormat", "DatasetSpec", "DistillkitError", "Divergence", "DivergenceName", "ExampleBatch",
-    "InstructionExample", "Method", "NoOptions", "OptionError", "PseudoTargetSource", "Registered", "Schedule", "ScheduleName", "SourceFactory",
-    "Stage", "StepContext", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TrainBatch",
+    "InstructionExample", "Method", "NoOptions", "OptionError", "ParameterGroup", "PseudoTargetSource", "Registered", "Schedule", "ScheduleName", "SourceFactory",
+    "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TrainBatch",
     "cache_root", "collate", "ended_with_eos", "fingerprint", "hookimpl", "keyed_generator", "left_pad", "require",
     "write_json_atomic",
 ]

@@ -17,9 +17,8 @@ if TYPE_CHECKING:
 
     import torch
 
-    from distillkit.api import ExampleBatch, TrainBatch
-    from distillkit.api.batch import InstructionExample
-    from distillkit.training.run import Run
+    from distillkit.api.batch import ExampleBatch, InstructionExample, TrainBatch
+    from distillkit.api.context import StepContext
 
 
 @dataclass(frozen=True)
@@ -44,27 +43,36 @@ class NoOptions:
     """Options of a method that has no hyper-parameters of its own."""
 
 
+ParameterGroup = Literal["student", "teacher_adapter"]
+"""What a stage trains: the student's weights, or the teacher adapter's
+parameters (a soft prompt, LoRA); each group has its own optimizer and
+learning-rate schedule."""
+
+StudentMode = Literal["train", "eval"]
+"""The student's module mode during a stage: ``"train"`` (dropout on) or ``"eval"``."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One parameter update inside a training step.
 
-    ``trains`` names the parameters the stage updates (``"student"`` or
-    ``"teacher_adapter"``); each named group has its own optimizer and
-    learning-rate schedule.  ``loss(run, batch)`` returns a dict of scalar
-    tensors whose ``"loss"`` entry is back-propagated (a mean over the
-    micro-batch's response tokens); the other entries are logged.
-    ``dropout`` puts the student in train mode for the stage (False: eval
-    mode, as MiniLLM's update does); a callable receives the method's options
-    and returns that choice (a method option, e.g. GKD's ``student_dropout``).
+    ``trains`` is the parameter group the stage updates.  ``loss(run,
+    batch)`` receives the :class:`~distillkit.api.StepContext` and a
+    micro-batch and returns a dict of scalar tensors whose ``"loss"`` entry
+    is back-propagated (a mean over the micro-batch's response tokens); the
+    other entries are logged.  ``student_mode`` puts the student in train or
+    eval mode for the stage (MiniLLM's update runs in eval mode); a callable
+    receives the method's options and returns the mode (e.g. GKD's
+    ``student_dropout`` option).
     """
 
-    trains: str
-    loss: Callable[[Run, TrainBatch], dict[str, torch.Tensor]]
-    dropout: bool | Callable[[Any], bool] = True
+    trains: ParameterGroup
+    loss: Callable[[StepContext, TrainBatch], dict[str, torch.Tensor]]
+    student_mode: StudentMode | Callable[[Any], StudentMode] = "train"
 
-    def student_train_mode(self, options: Any) -> bool:
-        """Whether the student runs in train mode (dropout on) in this stage."""
-        return self.dropout(options) if callable(self.dropout) else self.dropout
+    def student_mode_for(self, options: Any) -> StudentMode:
+        """The student's mode in this stage under the method's ``options``."""
+        return self.student_mode(options) if callable(self.student_mode) else self.student_mode
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,14 @@ class Method:
 
     - ``source``: name of a registered pseudo-target source;
       ``source_options(opts)`` gives its keyword arguments.
-    - ``teacher``: name of a registered teacher adapter, or ``None`` when the
-      method uses no teacher (SFT); ``teacher_options(opts)`` likewise.
+    - ``teacher_adapter``: name of a registered teacher adapter, or ``None``
+      when the method uses no teacher (SFT); ``teacher_adapter_options(opts)``
+      gives its keyword arguments.
     - ``options``: a frozen dataclass of hyper-parameters, set by a recipe's
-      ``[methods.NAME]`` section; the run exposes it as ``run.options``.
+      ``[methods.NAME]`` section and checked when the run is assembled (its
+      ``__post_init__`` raises through :func:`~distillkit.api.require`;
+      fields typed :data:`DivergenceName` / :data:`ScheduleName` must name
+      registered components); the run exposes it as ``run.options``.
     - ``student_init``: ``"pretrained"`` starts from the recipe's student,
       ``"sft"`` from its supervised fine-tuned checkpoint (prepared and cached).
 
@@ -92,11 +104,11 @@ class Method:
     description: str
     stages: tuple[Stage, ...]
     source: str = "dataset"
-    teacher: str | None = "frozen"
+    teacher_adapter: str | None = "frozen"
     options: type = NoOptions
     source_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
-    teacher_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
-    student_init: str = "pretrained"
+    teacher_adapter_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
+    student_init: Literal["pretrained", "sft"] = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -177,7 +189,7 @@ class SourceFactory:
 @dataclass(frozen=True)
 class TeacherAdapterFactory:
     """A named teacher adapter; ``build(teacher, run, **options)`` wraps the
-    loaded teacher model for a run."""
+    loaded teacher model for a run (``run``: the :class:`~distillkit.api.StepContext`)."""
 
     name: str
     description: str

@@ -388,10 +388,10 @@ def _activation_precision(shape: ModelShape, autocast: bool) -> str:
 
 def _adapter_options(method: Any, options: Any) -> dict[str, Any]:
     """The teacher adapter's keyword arguments, its defaults filled in."""
-    factory = registry().teacher_adapters[method.teacher]
+    factory = registry().teacher_adapters[method.teacher_adapter]
     defaults = {name: p.default for name, p in inspect.signature(factory.build).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {**defaults, **method.teacher_options(options)}
+    return {**defaults, **method.teacher_adapter_options(options)}
 
 
 def _lora_parameters(recipe: Recipe, rank: int, targets: list[str] | None, tokenizer: Any) -> int:
@@ -490,17 +490,17 @@ class _Adapter:
 
 def _adapter(recipe: Recipe, method: Any, options: Any, teacher: ModelShape, tokenizer: Any) -> _Adapter:
     settings = _adapter_options(method, options)
-    if method.teacher in INPUT_GRAD_ADAPTERS:
+    if method.teacher_adapter in INPUT_GRAD_ADAPTERS:
         length = int(settings.get("length", 0))
         return _Adapter(Row("trainable adapter", "always", length * teacher.hidden * 16 / MiB, 0.0,
                             f"soft prompt {length} x {teacher.hidden}, fp32 + gradients + AdamW"),
                         length, True, bool(settings.get("train_mode_for_grad", False)))
-    if method.teacher == "lora":
+    if method.teacher_adapter == "lora":
         rank = int(settings.get("rank", 8))
         count = _lora_parameters(recipe, rank, settings.get("target_modules"), tokenizer)
         return _Adapter(Row("trainable adapter", "always", count * 16 / MiB, 0.0,
                             f"LoRA rank {rank}: {_count(count)}, fp32 + gradients + AdamW"))
-    return _Adapter(Row("trainable adapter", "always", 0.0, 0.0, f"adapter '{method.teacher}': not estimated"))
+    return _Adapter(Row("trainable adapter", "always", 0.0, 0.0, f"adapter '{method.teacher_adapter}': not estimated"))
 
 
 def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[str, ModelShape] | None = None,
@@ -516,7 +516,7 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     method = registry().methods[method_name]
     run = resolve_run(recipe, method_name)
     shapes = dict(shapes or {})
-    roles = ["student"] + (["teacher"] if method.teacher is not None else [])
+    roles = ["student"] + (["teacher"] if method.teacher_adapter is not None else [])
     if tokenizer is None and any(getattr(recipe, r).config is not None and r not in shapes for r in roles):
         from distillkit.data.prepare import recipe_tokenizer
 
@@ -524,7 +524,7 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     for role in roles:
         if role not in shapes:
             shapes[role] = model_shape(recipe, role, tokenizer)
-    student, teacher = shapes["student"], shapes["teacher"] if method.teacher is not None else None
+    student, teacher = shapes["student"], shapes["teacher"] if method.teacher_adapter is not None else None
     precision = run.training.mixed_precision
     precision = layout.mixed_precision if precision == "auto" else precision
     autocast = precision in ("bf16", "fp16")
@@ -558,7 +558,7 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
         if stage.trains == "student":
             per_token = activation_bytes_per_token(
                 student, trained=True, precision=_activation_precision(student, autocast),
-                dropout=stage.student_train_mode(run.options), device=layout.device, sequence=sequence)
+                dropout=stage.student_mode_for(run.options) == "train", device=layout.device, sequence=sequence)
             batches = f"{graphs} batches x " if graphs > 1 else ""
             stage_rows = [dataclasses.replace(gradients, when=FORWARD_BACKWARD),
                           Row("activations", FORWARD_BACKWARD, graphs * micro * sequence * per_token / MiB, 0.0,

@@ -127,7 +127,7 @@ def train(
     output = output or Path("runs") / recipe.name / method_name
     check_run_folder(output, config, resume=resume)  # before any model is loaded
     session = open_session(recipe, console)
-    teacher, teacher_dir = (None, None) if method.teacher is None else prepared_model(session, "teacher")
+    teacher, teacher_dir = (None, None) if method.teacher_adapter is None else prepared_model(session, "teacher")
     if config.student_init == "sft":
         student_spec = dataclasses.replace(recipe.student, sft=recipe.student.sft or {})
         student, _ = prepared_model(dataclasses.replace(session, recipe=dataclasses.replace(recipe, student=student_spec)),

@@ -202,12 +202,12 @@ class Trainer:
                        train_examples=train_examples, teacher_id=teacher_id,
                        process_index=self.accelerator.process_index, num_processes=processes,
                        keep_going=self._any_process if self.sharded else bool, global_sum=self._global_tensor_sum)
-        if self.method.teacher is not None:
+        if self.method.teacher_adapter is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
             teacher = self._place_teacher(teacher)
-            adapter = registry().teacher_adapters[self.method.teacher]
-            self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_options(config.options))
+            adapter = registry().teacher_adapters[self.method.teacher_adapter]
+            self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_adapter_options(config.options))
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
         self._setup_optimizers(student)
         self._report_parameters()
@@ -464,7 +464,7 @@ class Trainer:
         terms_by_key: dict[str, float] = {}
         logs: dict[str, float] = {}
         for stage in self.method.stages:
-            self.run.student.train(stage.student_train_mode(self.config.options))
+            self.run.student.train(stage.student_mode_for(self.config.options) == "train")
             engine = self.deepspeed and stage.trains == "student"  # the DeepSpeed engine clips and steps
             loss_sum = 0.0  # this process's share of the stage's loss
             for index, batch in enumerate(batches):

@@ -127,7 +127,7 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(
         name="minillm",
         description="policy gradient on reverse KL: teacher-mixed rollouts, PPO clipping, single-step KL, LM loss",
-        stages=(Stage("student", minillm_loss, dropout=False),), source="rollouts", teacher="frozen",
+        stages=(Stage("student", minillm_loss, student_mode="eval"),), source="rollouts", teacher_adapter="frozen",
         options=MiniLLMOptions, student_init="sft",
         source_options=lambda o: {"size": o.rollout_size, "epochs": o.ppo_epochs, "mix_weight": o.teacher_mix,
                                   "keep_teacher_logits": o.keep_teacher_logits, "capped_ending": o.capped_ending},
