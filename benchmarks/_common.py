@@ -228,7 +228,7 @@ def tiny_setup(overrides: list[str]) -> TinySetup:
     tokenizer = dolly_tokenizer(recipe.tokenizer.train_vocab_size)
     rows = load_split(recipe.data, "train")
     examples, _ = tokenize(rows, tokenizer, max_prompt_length=recipe.data.max_prompt_length,
-                           max_length=recipe.data.max_length, training=True)
+                           max_length=recipe.data.max_length, long_prompts=recipe.data.long_prompts)
     teacher = load_model(recipe.teacher, tokenizer, "teacher")
     student = load_model(recipe.student, tokenizer, "student")
     return TinySetup(recipe, tokenizer, examples, teacher, student)

@@ -41,7 +41,8 @@ def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: 
     """The minimal hand-written GKD step, as one would write it in a script."""
     import torch
 
-    from distillkit.engine.sampling import SamplingSettings, sample
+    from distillkit.config import GenerationConfig
+    from distillkit.engine.sampling import sample
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
@@ -66,8 +67,8 @@ def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: 
         if sampler == "generate":
             responses = generate(prompts, budget)
         else:
-            responses = sample(student, prompts, SamplingSettings(budget), eos_token_id=eos, pad_token_id=pad,
-                               vocab_size=len(tokenizer))
+            responses = sample(student, prompts, GenerationConfig(max_new_tokens=budget), eos_token_id=eos,
+                               pad_token_id=pad, vocab_size=len(tokenizer))
         sampling = time.perf_counter() - started
         # 2. right-padded [x ‖ y] with a response mask
         seqs = [p + r for p, r in zip(prompts, responses)]

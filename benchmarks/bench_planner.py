@@ -72,7 +72,7 @@ def worker(case: str, steps: int, prepare_only: bool) -> dict:
 
     from distillkit.config import load_recipe
     from distillkit.engine.layout import single_layout
-    from distillkit.planning.estimate import estimate
+    from distillkit.planning.plan import estimate
     from distillkit.training import pipeline
     from distillkit.training.trainer import Trainer
 

@@ -40,11 +40,12 @@ def compare(model, prompts, tokenizer, n_new: int, repeats: int, seed: int) -> d
     import torch
 
     from distillkit.api import left_pad
-    from distillkit.engine.sampling import SamplingSettings, sample
+    from distillkit.config import GenerationConfig
+    from distillkit.engine.sampling import sample
 
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    settings = SamplingSettings(max_new_tokens=n_new, temperature=1.0, top_k=0, top_p=1.0)
+    settings = GenerationConfig(max_new_tokens=n_new, temperature=1.0, top_k=0, top_p=1.0)
     outputs: dict[str, list[list[int]]] = {}
     steps: dict[str, int] = {}
 
@@ -105,7 +106,7 @@ def main() -> None:
     tokenizer = _common.dolly_tokenizer()
     rows = load_split(DataConfig(dataset="dolly"), "validation")
     chosen = random.Random(args.seed).sample(rows, args.batch_size)
-    examples, _ = tokenize(chosen, tokenizer, max_prompt_length=128, max_length=256, training=False)
+    examples, _ = tokenize(chosen, tokenizer, max_prompt_length=128, max_length=256, long_prompts="cut_left")
     prompts = [e.prompt_ids for e in examples]
     n_new = args.max_new_tokens
     print(f"batch: {len(prompts)} Dolly validation prompts, {min(map(len, prompts))}-{max(map(len, prompts))} "

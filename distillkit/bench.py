@@ -32,11 +32,10 @@ from rich.live import Live
 from rich.table import Table
 
 from distillkit.config import load_recipe
+from distillkit.config.run_folder import latest_trainer_state, read_run_file
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.files import write_json_atomic
 from distillkit.registry import registry
-
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -75,14 +74,12 @@ class Results:
 
 def cost_record(run_dir: Path) -> dict[str, Any]:
     """Training cost of a finished run, from its manifest and last checkpoint."""
-    manifest = json.loads((run_dir / "run.json").read_text())
-    checkpoints = sorted(run_dir.glob(f"checkpoints/step-*/{STATE_FILE}"))
-    if not checkpoints:
+    record, state = read_run_file(run_dir), latest_trainer_state(run_dir)
+    if record is None or state is None:
         raise DistillkitError(f"{run_dir} has no finished checkpoint; see {run_dir / 'train.log'}")
-    state = json.loads(checkpoints[-1].read_text())
-    return {"steps": state["step"], "total_steps": manifest["total_steps"], "train_s": state["elapsed_s"],
-            "peak_memory_mb": state.get("peak_memory_mb"), "generated_tokens": state.get("generated_tokens"),
-            "trainable_parameters": sum(manifest.get("trainable_parameters", {}).values()) or None}
+    return {"steps": state.step, "total_steps": record.total_steps, "train_s": state.elapsed_s,
+            "peak_memory_mb": state.peak_memory_mb, "generated_tokens": state.generated_tokens,
+            "trainable_parameters": sum(record.trainable_parameters.values()) or None}
 
 
 def train_method(config: BenchConfig, method: str) -> dict[str, Any]:
@@ -317,7 +314,7 @@ def dry_run(config: BenchConfig, console: Console) -> None:
     """Print the cells and each method's memory plan per device (see
     :mod:`distillkit.planning`), and whether it fits."""
     from distillkit.engine.layout import resolve_layout
-    from distillkit.planning.estimate import available_memory, estimate, verdict
+    from distillkit.planning import available_memory, estimate, verdict
 
     config.validate()
     recipe = load_recipe(config.recipe, config.overrides)

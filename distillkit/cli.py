@@ -22,6 +22,10 @@ out = Console()
 err = Console(stderr=True)
 
 
+SET_HELP = ("override the recipe, in order (repeatable): key=value sets a key (a TOML value), key={...} replaces "
+            "a whole table, '~key' removes a key (e.g. --set '~teacher.config' --set teacher.path=gpt2)")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err, show_path=False)])
@@ -91,7 +95,7 @@ def train(
     method: Annotated[str, typer.Option(help="registered method name (see `distillkit methods`)")],
     recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
     output: Annotated[Path | None, typer.Option(help="run folder [default: runs/RECIPE/METHOD]")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --output from its latest checkpoint")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-device memory plan and whether it fits; "
@@ -108,7 +112,7 @@ def train(
     if dry_run:
         import os
 
-        from distillkit.planning.estimate import dry_run as plan_run
+        from distillkit.planning import dry_run as plan_run
 
         try:
             if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints
@@ -195,7 +199,7 @@ def bench(
     seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the recipe's]")] = None,
     output: Annotated[Path | None, typer.Option(help="bench folder [default: runs/bench/RECIPE]")] = None,
     limit: Annotated[int, typer.Option(help="evaluate on the first N examples of each set (0: all)")] = 0,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and memory estimate; train nothing")] = False,
 ) -> None:
     """Train METHODS on RECIPE side by side, evaluate them on the test sets,

@@ -1,6 +1,15 @@
 """Files: the on-disk cache of prepared artefacts (tokenizers, fine-tuned
 models, teacher generations), keyed by a hash of everything that determines
-them; the one atomic writer; locks; publishing a finished folder."""
+them; locks; and the one family of atomic writers, each of which writes
+beside its target and renames into place, so a killed writer never leaves a
+partial file or folder:
+
+- :func:`write_text_atomic` / :func:`write_json_atomic`: one file;
+- :func:`replace_dir` (or :func:`scratch_dir` then :func:`swap_in`, when
+  several processes write parts of the folder): a folder that replaces any
+  older one (checkpoints, the best model);
+- :func:`publish_dir`: a cached folder, of which the first complete one
+  published wins (concurrent runs preparing the same artefact)."""
 
 from __future__ import annotations
 
@@ -61,8 +70,40 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
-    """:func:`write_text_atomic` of ``data`` as JSON."""
-    write_text_atomic(path, json.dumps(data, indent=indent))
+    """:func:`write_text_atomic` of ``data`` as JSON (one trailing newline)."""
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def scratch_dir(final: Path, *, clear: bool = True) -> Path:
+    """``final.tmp``: the folder a new ``final`` is written into before
+    :func:`swap_in`; ``clear`` removes a leftover of a killed writer (in a
+    multi-process write, only the process that will swap it in clears it)."""
+    scratch = final.with_name(final.name + ".tmp")
+    if clear:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return scratch
+
+
+def swap_in(scratch: Path, final: Path) -> None:
+    """Put the finished folder ``scratch`` in place of ``final`` by renames:
+    an older ``final`` is moved aside to ``final.old`` first and deleted
+    after, so ``final`` is never a half-written folder."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        scratch.rename(final)
+        shutil.rmtree(old)
+    else:
+        scratch.rename(final)
+
+
+def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder with ``write(scratch)`` into :func:`scratch_dir`, then
+    :func:`swap_in` it for ``final``."""
+    scratch = scratch_dir(final)
+    write(scratch)
+    swap_in(scratch, final)
 
 
 @contextlib.contextmanager

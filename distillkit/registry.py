@@ -8,6 +8,7 @@ registered twice is reported with both plugins.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -90,10 +91,35 @@ class Category(Generic[T]):
                                      f"got {name!r}{did_you_mean(name, self.entries)}")
 
 
+class PluginManager(pluggy.PluginManager):
+    """distillkit's pluggy plugin manager, which remembers the distribution
+    each entry-point plugin came from (``distributions``: plugin name ->
+    distribution name) for the ``distribution:plugin`` labels.
+
+    Entry points are read with ``importlib.metadata`` here rather than by
+    pluggy's ``load_setuptools_entrypoints``, whose distribution records
+    (``list_plugin_distinfo``) are a pkg_resources compatibility facade."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}
+
+    def load_entry_points(self) -> None:
+        """Register every plugin of the entry-point group, in the order
+        ``importlib.metadata`` lists them, skipping names already registered
+        or blocked (as pluggy's ``load_setuptools_entrypoints`` does)."""
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self.has_plugin(entry_point.name) or self.is_blocked(entry_point.name):
+                continue
+            self.register(entry_point.load(), name=entry_point.name)
+            self.distributions[entry_point.name] = entry_point.dist.name
+
+
 class Registry:
     """All components registered by the loaded plugins."""
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+    def __init__(self, pm: PluginManager) -> None:
         self.plugin_manager = pm
         self.methods: Category[Method] = Category("method", Method)
         self.sources: Category[SourceFactory] = Category("pseudo-target source", SourceFactory)
@@ -126,11 +152,8 @@ class Registry:
 
     def _label(self, plugin_name: str) -> str:
         """``distribution:plugin`` for entry-point plugins, else the plugin name."""
-        plugin = self.plugin_manager.get_plugin(plugin_name)
-        for registered, dist in self.plugin_manager.list_plugin_distinfo():
-            if registered is plugin:
-                return f"{dist.project_name}:{plugin_name}"
-        return plugin_name
+        distribution = self.plugin_manager.distributions.get(plugin_name)
+        return plugin_name if distribution is None else f"{distribution}:{plugin_name}"
 
     def _call_each(self, hook_name: str) -> list[tuple[str, list[Any]]]:
         """Call every implementation of a registration hook, in registration order."""
@@ -147,20 +170,19 @@ class Registry:
         return results
 
 
-def make_plugin_manager(extra_plugins: dict[str, Any] | None = None) -> pluggy.PluginManager:
+def make_plugin_manager(extra_plugins: dict[str, Any] | None = None) -> PluginManager:
     """Load every plugin of the entry-point group (and ``extra_plugins``, by
     name), failing with a clear message on a malformed plugin."""
-    pm = pluggy.PluginManager("distillkit")
-    pm.add_hookspecs(hookspecs)
+    pm = PluginManager()
     try:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.load_entry_points()
         for name, plugin in (extra_plugins or {}).items():
             pm.register(plugin, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(
             f"plugin '{getattr(err.plugin, '__name__', err.plugin)}' does not match "
-            f"distillkit's hook specifications: {err}; see distillkit/hookspecs.py for the expected signatures"
+            f"distillkit's hook specifications: {err}; see distillkit/api/hookspecs.py for the expected signatures"
         ) from err
     if not pm.get_plugins():
         raise PluginError(

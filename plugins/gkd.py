@@ -11,8 +11,10 @@ the student trains without dropout (``GKDConfig.disable_dropout = True``),
 and TRL's ``temperature`` is the *sampling* temperature (its
 ``GenerationConfig``), which here is ``generation.temperature``; the loss
 runs at ``loss_temperature`` (TRL calls ``generalized_jsd_loss`` without a
-temperature, i.e. 1.0).  TRL flips its coin per micro-batch; distillkit
-once per optimizer step, so one step never mixes both kinds of targets.
+temperature, i.e. 1.0).  TRL flips its coin in ``training_step``, i.e.
+per micro-batch; distillkit's ``mixture`` source once per optimizer step
+(keyed by the step, the same in every micro-batch and process), so one step
+never mixes both kinds of targets.
 """
 
 from __future__ import annotations
@@ -22,20 +24,20 @@ from typing import Literal
 
 import torch
 
-from distillkit.api import Method, ScheduleName, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.api import Method, Stage, StepContext, TrainBatch, hookimpl, require
 
 
 @dataclass(frozen=True)
 class GKDOptions:
-    on_policy_fraction: float = 0.5  # lambda
-    on_policy_schedule: ScheduleName = "constant"  # lambda_k = lambda * schedule(k, K)
+    # lambda, and lambda_k = lambda * schedule(k, K): the mixture source's options, checked there
+    on_policy_fraction: float = 0.5
+    on_policy_schedule: str = "constant"
     beta: float = 0.5
     loss_temperature: float = 1.0  # softmax temperature of the loss (TRL: 1.0); sampling: generation.temperature
     student_dropout: bool = False  # TRL: disable_dropout = True
     capped_ending: Literal["open", "eos"] = "open"  # a student sample cut at its limit (TRL: left open)
 
     def __post_init__(self) -> None:
-        require(0 <= self.on_policy_fraction <= 1, "on_policy_fraction", "be in [0, 1]", self.on_policy_fraction)
         require(0 <= self.beta <= 1, "beta", "be in [0, 1]", self.beta)
         require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
 

@@ -33,6 +33,7 @@ Direction = Literal["reverse", "forward"]
 
 @dataclass(frozen=True)
 class PromptKDOptions:
+    # the soft prompt's options (m, its init), checked by the soft_prompt adapter
     prompt_length: int = 7
     prompt_init: Literal["text", "padding", "random"] = "text"
     prompt_init_text: str = "Suppose you are a student."
@@ -46,11 +47,8 @@ class PromptKDOptions:
     capped_ending: Literal["eos", "open"] = "eos"  # a student sample cut at its limit: EOS last (reference)
 
     def __post_init__(self) -> None:
-        require(self.prompt_length >= 1, "prompt_length", "be >= 1", self.prompt_length)
         require(self.teacher_adapter_lr is None or self.teacher_adapter_lr > 0, "teacher_adapter_lr",
                 "be > 0 or unset", self.teacher_adapter_lr)
-        require(self.prompt_init != "text" or bool(self.prompt_init_text.strip()), "prompt_init_text",
-                "be non-empty text for prompt_init = 'text'", self.prompt_init_text)
 
 
 def _kl(direction: Direction) -> str:

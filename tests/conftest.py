@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,38 @@ def instruction_examples(tokenizer, texts=("Name a colour.", "Say hi", "Tell me 
         response = tokenizer("A short answer.")["input_ids"] + [tokenizer.eos_token_id]
         out.append(TokenizedExample(prompt, response, InstructionExample(text, "", ("A short answer.",))))
     return out
+
+
+class Killed(BaseException):
+    """A process killed mid-run, as an exception that no ``except Exception`` in the code under test catches."""
+
+
+def train_killed_during_step(monkeypatch: pytest.MonkeyPatch, step: int, train: Callable[[], object]) -> None:
+    """Run ``train()``, killed (:class:`Killed`) during its ``step``-th
+    optimizer step: ``Trainer.train_step`` raises at its ``step``-th call
+    from now, counted over every trainer (so let the cached models be
+    prepared before).  Fails unless the run dies there."""
+    from distillkit.training.trainer import Trainer
+
+    original, calls = Trainer.train_step, 0
+
+    def dying(self):
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            raise Killed
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", dying)
+        with pytest.raises(Killed):
+            train()
+
+
+def assert_same_tensors(first: Path, second: Path) -> None:
+    """Two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(first), load_file(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]

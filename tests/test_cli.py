@@ -35,6 +35,8 @@ def test_recipes_json_lists_tiny():
         (["--method", "promptk", "--recipe", "tiny"], "unknown method 'promptk'"),
         (["--method", "kd", "--recipe", "tyni"], "unknown recipe 'tyni' (did you mean 'tiny'?)"),
         (["--method", "kd", "--recipe", "tiny", "--set", "training.lrr=1"], "did you mean 'lr'?"),
+        (["--method", "kd", "--recipe", "tiny", "--set", "~teacher.confg"],
+         "--set ~teacher.confg: the recipe sets no 'teacher.confg' (did you mean 'config'?)"),
     ],
 )
 def test_train_errors_are_one_line(args, message):

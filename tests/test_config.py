@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distillkit.config import load_recipe, parse_override, resolve_run
+from distillkit.config import TrainingConfig, load_recipe, parse_override, resolve_run
 from distillkit.errors import DistillkitError
 
 
@@ -39,6 +39,14 @@ def test_override_changes_one_field():
         ("methods.kd.training.epochz=2", r"unknown key 'methods.kd.training.epochz' \(did you mean 'epochs'\?\)"),
         ("teacher.sft.lr=x", r"'teacher.sft.lr' must be float"),
         ("lr", r"--set expects key=value"),
+        ("~teacher.confg", r"--set ~teacher.confg: the recipe sets no 'teacher.confg' \(did you mean 'config'\?\); "
+                           r"keys set there: config, init_seed, sft"),
+        ("~teacher.config=1", r"~KEY removes a key and takes no value"),
+        ("~teacher.config.n_layer.x", r"the recipe has no table 'n_layer' there"),
+        ("~teacher.dtype", r"the recipe sets no 'teacher.dtype'"),  # a default, not set by the recipe
+        ("data.prompt=fields", r"'data.prompt' must be one of 'template', 'field', got 'fields'"),
+        ("data.long_prompts=truncate", r"'data.long_prompts' must be one of 'drop', 'cut_left', got 'truncate'"),
+        ("generation.no_repeat_ngram_size=-1", r"'generation.no_repeat_ngram_size' must be >= 0 \(0: off\)"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(assignment, message):
@@ -46,6 +54,26 @@ def test_bad_overrides_are_one_line_errors(assignment, message):
         recipe = load_recipe("tiny", [assignment])
         resolve_run(recipe, "kd")
     assert "\n" not in str(info.value)
+
+
+def test_an_inline_table_replaces_the_whole_table():
+    """teacher.config -> teacher.path in one --set: the [teacher] table is replaced, not merged."""
+    recipe = load_recipe("tiny", ['teacher={path="gpt2", init_seed=4}'])
+    assert (recipe.teacher.path, recipe.teacher.config, recipe.teacher.init_seed) == ("gpt2", None, 4)
+    assert recipe.teacher.sft is None  # the file's [teacher.sft] went with its table
+    assert recipe.student == load_recipe("tiny").student
+
+
+def test_tilde_removes_one_key_and_overrides_apply_in_order():
+    tiny = load_recipe("tiny")
+    recipe = load_recipe("tiny", ["~teacher.config", 'teacher.path="gpt2"'])
+    assert (recipe.teacher.path, recipe.teacher.config) == ("gpt2", None)
+    assert (recipe.teacher.init_seed, recipe.teacher.sft) == (tiny.teacher.init_seed, tiny.teacher.sft)  # kept
+    assert load_recipe("tiny", ["~training.lr"]).training.lr == TrainingConfig().lr  # back to the default
+    # a later --set wins: removed, then set again
+    assert load_recipe("tiny", ["~teacher.init_seed", "teacher.init_seed=9"]).teacher.init_seed == 9
+    with pytest.raises(DistillkitError, match="the recipe sets no 'teacher.init_seed'"):
+        load_recipe("tiny", ["teacher.init_seed=9", "~teacher.init_seed", "~teacher.init_seed"])
 
 
 def test_override_values_are_typed():

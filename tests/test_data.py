@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distillkit.api import collate, left_pad
+from distillkit.api import InstructionExample, collate, left_pad
 from distillkit.config import DataConfig
 from distillkit.data.formats import read_rows
 from distillkit.data.loading import DATA_DIR_ENV, load_eval_set, load_split, parse_rows
@@ -32,7 +32,7 @@ def test_real_dolly_splits_and_template():
 
 def test_response_mask_covers_exactly_response_and_eos(tokenizer):
     examples = load_split(DataConfig(dataset="dolly"), "test")[:4]
-    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=1000, max_length=1500, training=False)
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=1000, max_length=1500, long_prompts="cut_left")
     batch = collate([t.prompt_ids for t in tokenized], [t.response_ids for t in tokenized], tokenizer.pad_token_id)
     for row, item in enumerate(tokenized):
         prompt, response = len(item.prompt_ids), len(item.response_ids)
@@ -48,14 +48,69 @@ def test_response_mask_covers_exactly_response_and_eos(tokenizer):
 
 def test_length_limits(tokenizer):
     examples = load_split(DataConfig(dataset="dolly"), "test")[:50]
-    train, dropped = tokenize(examples, tokenizer, max_prompt_length=60, max_length=80, training=True)
-    evaluation, none_dropped = tokenize(examples, tokenizer, max_prompt_length=60, max_length=80, training=False)
+    train, dropped = tokenize(examples, tokenizer, max_prompt_length=60, max_length=80, long_prompts="drop")
+    evaluation, none_dropped = tokenize(examples, tokenizer, max_prompt_length=60, max_length=80, long_prompts="cut_left")
     assert dropped > 0 and none_dropped == 0 and len(train) + dropped == len(evaluation) == 50
     assert all(len(t.prompt_ids) <= 60 and len(t.prompt_ids) + len(t.response_ids) <= 80 for t in evaluation)
     long_prompt = next(t for t in evaluation if len(t.prompt_ids) == 60)
     assert tokenizer.decode(long_prompt.prompt_ids).endswith("### Response:\n")  # the end is kept
     with pytest.raises(DistillkitError, match="max_prompt_length .* must be below"):
-        tokenize(examples, tokenizer, max_prompt_length=80, max_length=80, training=True)
+        tokenize(examples, tokenizer, max_prompt_length=80, max_length=80, long_prompts="drop")
+
+
+def _dolly_rows(count: int) -> list[dict]:
+    return [json.loads(line) for line in (DOLLY / "train.jsonl").read_text().splitlines()[:count]]
+
+
+def test_prompt_field_is_taken_verbatim(tmp_path: Path, tokenizer):
+    """data.prompt = "field": each row's own ``prompt`` is the model input (here real Dolly rows whose
+    prompt was rewritten); "template" (the default) ignores the field and applies the Alpaca template."""
+    rows = _dolly_rows(12)
+    for row in rows[::2]:
+        row["prompt"] = f"Question: {row['instruction']}\nAnswer:"
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = DataConfig(dataset=str(tmp_path), files={"train": "rows.jsonl"}, prompt="field")
+    tokenized, _ = tokenize(load_split(config, "train"), tokenizer, max_prompt_length=1000, max_length=1500,
+                            long_prompts="drop")
+    assert [tokenizer.decode(t.prompt_ids) for t in tokenized] == [row["prompt"] for row in rows]
+    templated = load_split(DataConfig(dataset=str(tmp_path), files={"train": "rows.jsonl"}), "train")
+    assert [format_prompt(e) for e in templated] == [format_prompt(InstructionExample(r["instruction"], r["input"], ()))
+                                                     for r in rows]
+    assert format_prompt(templated[0]) != rows[0]["prompt"]
+    # MiniLLM's stored Dolly prompts are the template: both settings give the same training tokens
+    dolly = [load_split(DataConfig(dataset="dolly", prompt=source), "test")[:40] for source in ("field", "template")]
+    tokens = [[(t.prompt_ids, t.response_ids) for t in tokenize(examples, tokenizer, max_prompt_length=1000,
+                                                                max_length=1500, long_prompts="drop")[0]]
+              for examples in dolly]
+    assert dolly[0][0].prompt is not None and dolly[1][0].prompt is None and tokens[0] == tokens[1]
+
+
+def test_prompt_field_must_be_present(tmp_path: Path):
+    write_jsonl(tmp_path / "raw.jsonl", RAW_DOLLY_ROWS)  # raw Dolly rows carry no prompt
+    with pytest.raises(DistillkitError, match=r"raw\.jsonl:1: data.prompt = 'field' but this row has no 'prompt' "
+                                              r"field; give every row one or set data.prompt = 'template'"):
+        load_split(DataConfig(dataset=str(tmp_path), files={"test": "raw.jsonl"}, prompt="field"), "test")
+
+
+@pytest.mark.parametrize("long_prompts", ["drop", "cut_left"])
+def test_long_training_prompts_follow_the_recipe(recipe_file, tokenizer, long_prompts):
+    """data.long_prompts on the real Dolly training rows: "drop" leaves out the examples whose prompt is
+    over max_prompt_length tokens (the references' training data), "cut_left" keeps their last tokens;
+    validation prompts always keep their end."""
+    from distillkit.config import load_recipe
+    from distillkit.data.prepare import prepare_data
+
+    recipe = load_recipe(str(recipe_file()), ["data.max_prompt_length=120", f"data.long_prompts={long_prompts}"])
+    data = prepare_data(recipe, tokenizer)
+    examples = load_split(recipe.data, "train")[: recipe.data.train_limit]
+    full = tokenize(examples, tokenizer, max_prompt_length=10**5 - 1, max_length=10**5, long_prompts="drop")[0]
+    long = [len(t.prompt_ids) > 120 for t in full]
+    assert 0 < sum(long) < len(full) == 96
+    kept = [t for t, over in zip(full, long) if long_prompts == "cut_left" or not over]
+    assert [t.example for t in data.train] == [t.example for t in kept]
+    assert [t.prompt_ids for t in data.train] == [t.prompt_ids[-120:] for t in kept]
+    assert all(tokenizer.decode(t.prompt_ids).endswith("### Response:\n") for t in data.train)
+    assert len(data.validation) == 1000 and max(len(t.prompt_ids) for t in data.validation) == 120
 
 
 def test_left_pad_for_generation():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO
+from .conftest import REPO, assert_same_tensors
 
 TWO_CPU_PROCESSES = REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"
 # Dropout off: its masks come from each process's RNG, which no layout can share.
@@ -135,10 +135,35 @@ def test_teacher_placement_shard_needs_a_sharded_layout(recipe_file, tmp_path):
     assert "teacher.placement = 'shard' needs an FSDP accelerate config" in " ".join(result.output.split())
 
 
-def test_teacher_placement_offload_trains_on_cpu(recipe_file, tmp_path):
-    """On a CPU device the weights already live in CPU memory: offload keeps them there."""
-    from distillkit.training.pipeline import train
+def test_teacher_placement_offload_trains_on_cpu(recipe_file, tmp_path, monkeypatch):
+    """On a CPU device the weights already live in CPU memory: offload keeps the frozen teacher there as it
+    is (accelerate's ``cpu_offload`` hooks, which stream layers to a GPU, are not installed), so the run
+    trains bit for bit what the replicate placement trains."""
+    import accelerate
 
-    best = train("kd", str(recipe_file(steps=2, eval_every=2)), output=tmp_path / "run",
-                 overrides=["teacher.placement=offload"])
-    assert (best / "model.safetensors").is_file()
+    from distillkit.training.pipeline import train
+    from distillkit.training.trainer import Trainer
+
+    def no_hooks(*args, **kwargs):
+        raise AssertionError("cpu_offload must not wrap a teacher that already lives on the CPU device")
+
+    monkeypatch.setattr(accelerate, "cpu_offload", no_hooks)
+    teachers, fit = {}, Trainer.fit
+
+    def fit_and_keep_teacher(self):
+        best = fit(self)
+        if self.run.teacher is not None:  # the KD run, not the teacher's SFT
+            teachers[self.config.recipe.teacher.placement] = self.run.teacher.sampling_inputs()[0]
+        return best
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_keep_teacher)
+    recipe = str(recipe_file(steps=2, eval_every=2))
+    runs = {placement: train("kd", recipe, output=tmp_path / placement, overrides=[f"teacher.placement={placement}"])
+            for placement in ("replicate", "offload")}
+    teacher = teachers["offload"]
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in teacher.parameters())
+    assert not hasattr(teacher, "_hf_hook")
+    assert_same_tensors(runs["replicate"] / "model.safetensors", runs["offload"] / "model.safetensors")
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / placement / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for placement in ("replicate", "offload")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

@@ -1,6 +1,9 @@
 """Token-level divergences: hand-computed values, mathematical properties, and
 ``masked_divergence`` (masking, temperature, chunking + checkpointing) checked
-against a naive float64 reference written here from methods.md section 2."""
+against a naive float64 reference written here from the definitions: KL, the
+generalised JSD(beta) of the GKD paper (Agarwal et al. 2024, Eq. 1, with TRL's
+beta = 0 / 1 endpoints, ``generalized_jsd_loss``), DistiLLM's skew KLs and
+the total variation distance."""
 
 from __future__ import annotations
 

@@ -79,9 +79,9 @@ def test_skip_counts_skipped_updates_and_finishes(recipe_file, tmp_path, monkeyp
 
 
 def test_a_nan_validation_score_never_becomes_best(recipe_file, tmp_path, monkeypatch):
-    import distillkit.training.trainer as trainer_module
+    from distillkit.training.validation import Validation
 
-    original = trainer_module.Trainer.validation_loss_sum
+    original = Validation.loss_sum
     calls = {"n": 0}
 
     def nan_first(self, examples):  # the first validation scores NaN, the next ones are finite
@@ -89,7 +89,7 @@ def test_a_nan_validation_score_never_becomes_best(recipe_file, tmp_path, monkey
         total, tokens = original(self, examples)
         return (float("nan"), tokens) if calls["n"] == 1 else (total, tokens)
 
-    monkeypatch.setattr(trainer_module.Trainer, "validation_loss_sum", nan_first)
+    monkeypatch.setattr(Validation, "loss_sum", nan_first)
     train("sft", str(recipe_file(steps=4, eval_every=2)), output=tmp_path / "run",
           overrides=["training.select_by=loss"])
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())

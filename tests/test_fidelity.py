@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from distillkit.api import InstructionExample, TrainBatch, collate
 from distillkit.builtins.sources import retokenized
 from distillkit.builtins.teacher_adapters import FrozenTeacher, SoftPromptTeacher
-from distillkit.config import ModelConfig
+from distillkit.config import GenerationConfig, ModelConfig
 from distillkit.data.templates import format_prompt
 from distillkit.data.tokenization import tokenize
 from distillkit.engine.models import load_model
-from distillkit.engine.sampling import SamplingSettings, sample
+from distillkit.engine.sampling import sample
 from distillkit.plugins.minillm import advantages, rewards
 from distillkit.plugins.minillm.rollouts import RolloutBatch
 from distillkit.registry import registry
@@ -147,7 +147,7 @@ def test_kd_matches_the_reference_loss_up_to_the_teacher_entropy(recipe_file, to
 
 def test_seqkd_targets_are_the_decoded_text_re_tokenized_with_eos(recipe_file, tokenizer):
     examples = [InstructionExample("Name a colour.", "", ("Red.",)), InstructionExample("Say hi", "", ("Hi.",))]
-    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=96, max_length=128, training=True)
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=96, max_length=128, long_prompts="drop")
     run = make_run(recipe_file, tokenizer, method="seqkd", examples=tokenized)
     eos = tokenizer.eos_token_id
     sampled = [tokenizer(" Blue, or green")["input_ids"] + [eos], tokenizer(" Hello there and")["input_ids"]]  # capped
@@ -251,8 +251,8 @@ def test_capped_student_samples_end_with_eos(tokenizer):
     prompts = [e.prompt_ids for e in instruction_examples(tokenizer)]
     kwargs = dict(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                   row_keys=[11, 12, 13])
-    open_ = sample(model, prompts, SamplingSettings(max_new_tokens=5), **kwargs)
-    closed = sample(model, prompts, SamplingSettings(max_new_tokens=5), capped_ending="eos", **kwargs)
+    open_ = sample(model, prompts, GenerationConfig(max_new_tokens=5), **kwargs)
+    closed = sample(model, prompts, GenerationConfig(max_new_tokens=5), capped_ending="eos", **kwargs)
     assert any(len(r) == 5 and eos not in r for r in open_)  # some sample was capped
     for a, b in zip(open_, closed):
         capped = eos not in a

@@ -11,7 +11,8 @@ import torch
 
 from distillkit.api import collate
 from distillkit.builtins.teacher_adapters import FrozenTeacher
-from distillkit.engine.sampling import SamplingSettings, sample
+from distillkit.config import GenerationConfig
+from distillkit.engine.sampling import sample
 from distillkit.errors import DistillkitError
 from distillkit.plugins.minillm import MiniLLMOptions, advantages, minillm_loss, rewards
 from distillkit.plugins.minillm.rollouts import RolloutBatch
@@ -22,7 +23,7 @@ from .conftest import instruction_examples, make_run, tiny_model
 
 def _sample(tokenizer, model, prompts, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
-    return sample(model, prompts, SamplingSettings(max_new_tokens=12), eos_token_id=tokenizer.eos_token_id,
+    return sample(model, prompts, GenerationConfig(max_new_tokens=12), eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), generator=generator, **kwargs)
 
 
@@ -40,7 +41,7 @@ def test_mixed_sampling_draws_from_the_probability_mixture(tokenizer):
     student, teacher = tiny_model(tokenizer, seed=1), tiny_model(tokenizer, seed=2, n_embd=48)
     prompt = instruction_examples(tokenizer)[0].prompt_ids
     prompts = [prompt] * 64
-    settings = SamplingSettings(max_new_tokens=1)
+    settings = GenerationConfig(max_new_tokens=1)
     generator = torch.Generator().manual_seed(3)
     drawn = sample(student, prompts, settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    vocab_size=len(tokenizer), generator=generator, mix_model=teacher, mix_weight=0.3)
@@ -238,13 +239,12 @@ def test_rollout_log_probs_are_those_of_the_models(recipe_file, tokenizer, monke
     assert batch.old_logprobs[~mask].abs().sum() == 0
 
 
-def test_rollout_size_must_be_a_multiple_of_the_batch(recipe_file, tokenizer, monkeypatch):
-    with pytest.raises(DistillkitError, match="rollout size .* multiple of training.batch_size"):
-        _rollout_source(recipe_file, tokenizer, monkeypatch, size=6)
+def test_rollout_size_and_filtered_sampling_are_refused_when_the_run_is_assembled(recipe_file):
+    from distillkit.config import load_recipe, resolve_run
 
-
-def test_filtered_sampling_is_refused(recipe_file, tokenizer):
-    run = make_run(recipe_file, tokenizer, method="minillm", overrides=["generation.top_k=5"])
-    run.teacher = FrozenTeacher(tiny_model(tokenizer, seed=9), run)
-    with pytest.raises(DistillkitError, match="plain sampling"):
-        registry().sources["rollouts"].build(run, size=8)
+    recipe = load_recipe(str(recipe_file()), ["methods.minillm.rollout_size=6"])  # batch_size = 8
+    with pytest.raises(DistillkitError, match=r"'methods.minillm.rollout_size' must be a multiple of "
+                                              r"training.batch_size \(8\)"):
+        resolve_run(recipe, "minillm")
+    with pytest.raises(DistillkitError, match="plain sampling: set generation.top_k = 0"):
+        resolve_run(load_recipe(str(recipe_file()), ["generation.top_k=5"]), "minillm")

@@ -18,7 +18,7 @@ from distillkit.config import ModelConfig, Recipe, load_recipe, recipe_files
 from distillkit.engine.layout import Layout, layout_from_config, layout_from_environment
 from distillkit.engine.models import load_model
 from distillkit.errors import DistillkitError
-from distillkit.planning.estimate import activation_bytes_per_token, estimate, model_shape, shape_of
+from distillkit.planning import activation_bytes_per_token, estimate, model_shape, shape_of
 
 SHIPPED = sorted(recipe_files())
 CUDA_BF16 = Layout(mixed_precision="bf16", device="cuda")
@@ -59,16 +59,27 @@ def test_dry_run_works_offline_for_every_shipped_recipe(recipe, layout):
         assert f"{'fsdp' if layout == 'fsdp' else 'zero3' if layout else 'single'}, " in result.output
 
 
-def test_dry_run_verdict_and_suggestions():
-    runner = CliRunner()
-    result = runner.invoke(app, ["train", "--method", "kd", "--recipe", "opt13b_to_6.7b", "--dry-run",
-                                 "--accelerate-config", "ddp", "--device-memory", "80"])
+@pytest.mark.parametrize(("method", "recipe", "layout", "gib", "expected"), [
+    # DDP-style layouts plan CPU processes on a machine without CUDA: no exact numbers here
+    ("kd", "opt13b_to_6.7b", "ddp", 80, "does NOT fit: needs "),
+    ("sft", "gpt2-xl_to_gpt2-base", "ddp", 80, "fits in 80.0 GiB with "),
+    ("minillm", "opt13b_to_6.7b", "fsdp", 40,
+     'does NOT fit: needs 50.0 GiB, have 40.0 GiB; try teacher.placement = "shard" or teacher.placement = "offload"'),
+    ("promptkd", "opt13b_to_1.3b", "zero2", 24,
+     'does NOT fit: needs 42.5 GiB, have 24.0 GiB; try teacher.placement = "offload"'),
+    ("minillm", "llama13b_to_7b", "fsdp", 10,
+     'does NOT fit: needs 48.6 GiB, have 10.0 GiB; teacher.placement = "shard", teacher.placement = "offload" do not '
+     "fit either: lower training.micro_batch_size (1) or add devices"),
+    ("kd", "llama13b_to_7b", "zero3-offload", 80, "fits in 80.0 GiB with 47.8 GiB to spare"),
+])
+def test_dry_run_verdict_and_suggestions(method, recipe, layout, gib, expected):
+    result = CliRunner().invoke(app, ["train", "--method", method, "--recipe", recipe, "--dry-run",
+                                      "--accelerate-config", layout, "--device-memory", str(gib)])
     assert result.exit_code == 0, result.output
-    verdict = next(line for line in result.output.splitlines() if "does NOT fit" in line)
-    assert "needs" in verdict and "have 80.0 GiB" in verdict and "try " in verdict and "fsdp.yaml" in verdict
-    result = runner.invoke(app, ["train", "--method", "sft", "--recipe", "gpt2-xl_to_gpt2-base", "--dry-run",
-                                 "--accelerate-config", "ddp", "--device-memory", "80"])
-    assert "fits in 80.0 GiB with" in result.output and "to spare" in result.output
+    verdicts = [line for line in result.output.splitlines() if "fits in " in line or "does NOT fit" in line]
+    assert len(verdicts) == 1 and verdicts[0].startswith(expected), result.output
+    if expected.startswith("does NOT fit") and layout == "ddp":
+        assert "try " in verdicts[0] and "fsdp.yaml" in verdicts[0]
 
 
 def test_dry_run_errors_are_one_line(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from distillkit import hookimpl
 from distillkit.api import Method, Stage
 from distillkit.errors import DistillkitError
-from distillkit.registry import PluginError, Registry, make_plugin_manager, registry
+from distillkit.registry import PluginError, PluginManager, Registry, make_plugin_manager, registry
 
 BUILTIN_METHODS = {"sft", "kd", "seqkd", "gkd", "promptkd", "minillm"}
 
@@ -33,6 +33,22 @@ def test_builtins_register_through_entry_points():
     assert any((d / "tiny.toml").is_file() for d in reg.recipe_dirs)
 
 
+def test_entry_points_skip_blocked_and_already_registered_names():
+    """The loader registers each entry point under its name, labelled with its distribution, and
+    leaves out a blocked name or one already taken (as pluggy's own loader does)."""
+    pm = PluginManager()
+    pm.set_blocked("seqkd")
+    impostor = _MethodPlugin("not-kd")
+    pm.register(impostor, name="kd")
+    pm.load_entry_points()
+    assert pm.get_plugin("kd") is impostor and "kd" not in pm.distributions
+    assert pm.get_plugin("seqkd") is None and "seqkd" not in pm.distributions
+    assert pm.distributions["sft"] == "distillkit" and pm.get_plugin("sft").__name__ == "distillkit.plugins.sft"
+    methods = Registry(pm).methods
+    assert "seqkd" not in methods and "kd" not in methods
+    assert (methods.entry("not-kd").plugin, methods.entry("sft").plugin) == ("kd", "distillkit:sft")
+
+
 def test_unknown_method_lists_valid_names_and_suggests():
     with pytest.raises(DistillkitError, match=r"unknown method 'kdd' \(did you mean 'kd'\?\); valid names: ") as info:
         registry().methods["kdd"]
@@ -45,7 +61,8 @@ class _MethodPlugin:
 
     @hookimpl
     def distillkit_register_methods(self):
-        return [Method(self.name, "test", stages=(Stage("student", lambda run, batch: {}),))]
+        return [Method(self.name, "test", stages=(Stage("student", lambda run, batch: {}),), source="dataset",
+                       teacher_adapter=None)]
 
 
 def test_duplicate_method_names_both_plugins():
@@ -121,6 +138,7 @@ PLUGIN_PACKAGE = {
         @hookimpl
         def distillkit_register_methods():
             return [Method("tvd-kd", "KD with total variation distance", stages=(Stage("student", tvd_loss),),
+                           source="dataset", teacher_adapter="frozen",
                            options=TVDOptions)]
     ''',
 }

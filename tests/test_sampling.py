@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from distillkit.engine.sampling import SamplingSettings, gumbel_noise, sample
+from distillkit.config import GenerationConfig
+from distillkit.engine.sampling import gumbel_noise, sample
 
 from .conftest import tiny_model
 
-GREEDY = SamplingSettings(max_new_tokens=12, temperature=0)
+GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
 
 
 def _run(model, tokenizer, prompts, settings=GREEDY, seed=None):
@@ -59,7 +60,7 @@ def test_stops_at_eos_and_keeps_it(tokenizer):
 
 def test_sampling_is_reproducible_and_seed_dependent(tokenizer):
     model = tiny_model(tokenizer, seed=4)
-    settings = SamplingSettings(max_new_tokens=10)
+    settings = GenerationConfig(max_new_tokens=10)
     prompts = _prompts(tokenizer)
     state = torch.get_rng_state()
     first = _run(model, tokenizer, prompts, settings, seed=1)
@@ -69,6 +70,33 @@ def test_sampling_is_reproducible_and_seed_dependent(tokenizer):
     assert all(len(r) <= 10 for r in first)
 
 
+def test_no_repeat_ngram_size_bans_repeated_ngrams(tokenizer):
+    """Greedy decoding of a tiny model loops; with the n-gram ban no n-gram of prompt + response occurs twice."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1)
+    prompt = tokenizer("Hi")["input_ids"]
+
+    def repeats(size: int) -> int:
+        settings = GenerationConfig(max_new_tokens=30, temperature=0, no_repeat_ngram_size=size)
+        sequence = prompt + sample(model, [prompt], settings, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                                   vocab_size=len(tokenizer))[0]
+        grams = [tuple(sequence[i : i + 3]) for i in range(len(sequence) - 2)]
+        return len(grams) - len(set(grams))
+
+    assert repeats(0) > 0 and repeats(3) == 0
+
+
+def test_generation_settings_overrides_and_cap():
+    generation = GenerationConfig(temperature=0.7, max_new_tokens=8, batch_size=4)
+    evaluation = generation.with_overrides(max_new_tokens=0, no_repeat_ngram_size=6)  # e.g. [eval]'s
+    assert (evaluation.max_new_tokens, evaluation.no_repeat_ngram_size, evaluation.temperature) == (0, 6, 0.7)
+    assert generation.with_overrides(max_new_tokens=None) == generation and generation.max_new_tokens == 8
+    prompts = [[1] * 10, [2] * 4]
+    assert generation.within(prompts, 15).max_new_tokens == 5  # the longest prompt leaves 5
+    assert generation.within(prompts, 40).max_new_tokens == 8
+    assert evaluation.within(prompts, 40).max_new_tokens == 30  # 0: fill max_length
+    assert generation.within([[1] * 20], 15).max_new_tokens == 0
+
+
 def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
     model = tiny_model(tokenizer, vocab_size=len(tokenizer) + 50, seed=5)
     with torch.no_grad():
@@ -76,7 +104,7 @@ def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
     head = model.get_output_embeddings()
     head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
     head.bias.data[len(tokenizer):] = 50.0  # padded rows would win without slicing
-    out = _run(model, tokenizer, _prompts(tokenizer), SamplingSettings(max_new_tokens=8), seed=0)
+    out = _run(model, tokenizer, _prompts(tokenizer), GenerationConfig(max_new_tokens=8), seed=0)
     assert max(max(r) for r in out) < len(tokenizer)
 
 
@@ -109,7 +137,7 @@ def test_gumbel_noise_is_standard_gumbel():
 def test_row_keys_make_a_sample_independent_of_its_batch_mates(tokenizer):
     model = tiny_model(tokenizer, n_layer=2, seed=1)
     prompts = _prompts(tokenizer)
-    settings = SamplingSettings(max_new_tokens=12)
+    settings = GenerationConfig(max_new_tokens=12)
 
     def draw(chosen, keys):
         return sample(model, [prompts[i] for i in chosen], settings, eos_token_id=tokenizer.eos_token_id,
@@ -126,7 +154,7 @@ def test_max_length_caps_each_row_by_its_own_prompt(tokenizer):
     finished rows stop advancing: no position beyond the model's last one is used."""
     short, long = _prompts(tokenizer)[1], _prompts(tokenizer)[0]
     model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=len(long) + 6)
-    settings = SamplingSettings(max_new_tokens=0)
+    settings = GenerationConfig(max_new_tokens=0)
 
     def draw(chosen, keys):
         return sample(model, chosen, settings, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
@@ -142,7 +170,7 @@ def test_processes_kept_in_step_run_extra_passes_without_changing_samples(tokeni
     (``keep_going``); a process already finished must still return its own samples."""
     model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=44)  # 40 + 20 extra passes would overflow it
     prompts = _prompts(tokenizer)[1:]
-    settings = SamplingSettings(max_new_tokens=0)
+    settings = GenerationConfig(max_new_tokens=0)
     extra = []
 
     def other_process_still_sampling(unfinished: bool) -> bool:

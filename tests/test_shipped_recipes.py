@@ -1,5 +1,6 @@
 """The shipped recipes: every one validates and resolves, and the paper's
-recipes carry the paper's settings (PromptKD paper appendix A, methods.md)."""
+recipes carry the paper's settings (PromptKD paper §4.1 and appendix A, the
+reference scripts, docs/fidelity.md)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_paper_recipe_models_and_budget(name):
     assert recipe.training.batch_size == batch_size  # paper appendix A
     assert recipe.training.weight_decay == 0.01 and recipe.training.max_grad_norm == 1.0
     assert recipe.training.lr_schedule == "cosine" and recipe.training.warmup_steps == 0
-    # data, sampling and evaluation protocol (methods.md §1, §10; paper appendix A)
+    # data, sampling and evaluation protocol (paper appendix A; gmkim-ai/PromptKD scripts/gpt2/*/*.sh:
+    # --max-prompt-length 256, --max-length 512, top-k 0, top-p 1, T 1; arguments.py: --no-repeat-ngram-size 6)
     assert (recipe.data.dataset, recipe.data.max_prompt_length, recipe.data.max_length) == ("dolly", 256, 512)
     gen = recipe.generation
     assert (gen.temperature, gen.top_k, gen.top_p) == (1.0, 0, 1.0)
@@ -105,8 +107,10 @@ def test_paper_recipe_models_and_budget(name):
 
 def test_paper_values_per_size():
     base = load_recipe("gpt2-xl_to_gpt2-base")
-    assert base.training.lr == 5e-4 and base.training.epochs == 20  # methods.md §3-4
-    assert _sft_training(base, "teacher").lr == 5e-5 and _sft_training(base, "teacher").epochs == 10  # §3
+    # PromptKD scripts/gpt2/{sft,kd}/*_base.sh (= LMOps minillm/scripts/gpt2): lr 5e-4, 20 epochs
+    assert base.training.lr == 5e-4 and base.training.epochs == 20
+    # the GPT-2 XL teacher's SFT, scripts/gpt2/sft/sft_xlarge.sh: lr 5e-5, 10 epochs
+    assert _sft_training(base, "teacher").lr == 5e-5 and _sft_training(base, "teacher").epochs == 10
     medium = load_recipe("gpt2-xl_to_gpt2-medium")
     assert medium.training.batch_size == 8 and medium.student.path == "gpt2-medium"
     assert load_recipe("opt13b_to_6.7b").student.path == "facebook/opt-6.7b"

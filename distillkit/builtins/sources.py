@@ -2,7 +2,9 @@
 
 Every source returns a right-padded ``[x ‖ y]`` batch; sampled responses come
 from the one sampler (no gradients, the recipe's ``[generation]`` settings)
-and keep their first EOS.
+and keep their first EOS.  Each declares its options (a dataclass, checked
+when the recipe loads) and, for the memory planner, the models it samples
+from.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from distillkit.api import (
     CappedEnding,
     ExampleBatch,
+    PlanContext,
     PseudoTargetSource,
+    ScheduleName,
     SourceFactory,
+    SourceFootprint,
     StepContext,
     TrainBatch,
     cache_root,
@@ -27,10 +33,41 @@ from distillkit.api import (
     fingerprint,
     hookimpl,
     keyed_generator,
+    require,
     write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampledOptions:
+    """Options of a source that samples on the fly."""
+
+    capped_ending: CappedEnding = "open"  # a sample cut at its length limit: see distillkit.engine.sampling.sample
+
+
+@dataclass(frozen=True)
+class TeacherCacheOptions:
+    """``seed`` keys the generation; ``targets``: the samples' text
+    re-tokenized (``"text"``) or their token ids (``"ids"``, ended as
+    ``capped_ending`` says)."""
+
+    seed: int = 10
+    targets: Literal["text", "ids"] = "text"
+    capped_ending: CappedEnding = "open"
+
+
+@dataclass(frozen=True)
+class MixtureOptions:
+    """Student samples with probability ``fraction * schedule(k, K)``."""
+
+    fraction: float = 0.5
+    schedule: ScheduleName = "constant"
+    capped_ending: CappedEnding = "open"
+
+    def __post_init__(self) -> None:
+        require(0 <= self.fraction <= 1, "fraction", "be in [0, 1]", self.fraction)
 
 
 def _prompts(examples: ExampleBatch) -> list[list[int]]:
@@ -47,9 +84,10 @@ def dataset_responses(run: StepContext) -> PseudoTargetSource:
     return make_batch
 
 
-def student_samples(run: StepContext, *, capped_ending: CappedEnding = "open") -> PseudoTargetSource:
-    """``[x ‖ y]`` with y ~ q_theta(.|x) sampled from the current student;
-    ``capped_ending``: see :func:`distillkit.engine.sampling.sample`."""
+def student_samples(run: StepContext, **options: Any) -> PseudoTargetSource:
+    """``[x ‖ y]`` with y ~ q_theta(.|x) sampled from the current student
+    (``options``: :class:`SampledOptions`)."""
+    capped_ending = SampledOptions(**options).capped_ending
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         prompts = _prompts(examples)
@@ -59,8 +97,10 @@ def student_samples(run: StepContext, *, capped_ending: CappedEnding = "open") -
     return make_batch
 
 
-def teacher_samples(run: StepContext, *, capped_ending: CappedEnding = "open") -> PseudoTargetSource:
-    """``[x ‖ y]`` with y sampled on the fly from the (adapted) teacher."""
+def teacher_samples(run: StepContext, **options: Any) -> PseudoTargetSource:
+    """``[x ‖ y]`` with y sampled on the fly from the (adapted) teacher
+    (``options``: :class:`SampledOptions`)."""
+    capped_ending = SampledOptions(**options).capped_ending
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
         model, prefix = run.teacher.sampling_inputs()
@@ -80,31 +120,31 @@ def retokenized(run: StepContext, examples: ExampleBatch, responses: list[list[i
     return run.tokenize_responses(examples, run.tokenizer.batch_decode(responses, skip_special_tokens=True))
 
 
-def cached_teacher_samples(run: StepContext, *, seed: int = 10, targets: Literal["text", "ids"] = "text",
-                           capped_ending: CappedEnding = "open") -> PseudoTargetSource:
+def cached_teacher_samples(run: StepContext, **options: Any) -> PseudoTargetSource:
     """``[x ‖ y]`` with one teacher sample per training prompt, generated once
     (seeded) and cached on disk keyed by teacher, prompts and sampler
     settings, so every SeqKD run on the same teacher reuses them.
 
-    ``targets = "text"`` (the reference) trains on the samples' text
-    re-tokenized as dataset responses (:func:`retokenized`: every target
-    ends with EOS); ``"ids"`` on the sampled token ids, ended as
-    ``capped_ending`` says."""
+    ``options`` (:class:`TeacherCacheOptions`): ``targets = "text"`` (the
+    reference) trains on the samples' text re-tokenized as dataset responses
+    (:func:`retokenized`: every target ends with EOS); ``"ids"`` on the
+    sampled token ids, ended as ``capped_ending`` says."""
+    opts = TeacherCacheOptions(**options)
     prompts = [e.prompt_ids for e in run.train_examples]
     generation = run.config.recipe.generation
-    key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, seed,
+    key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, opts.seed,
                       "row-keyed")
     path = cache_root() / "teacher_generations" / f"{key}.json"
     if path.is_file():
         responses = json.loads(path.read_text())
         log.info("reusing %d cached teacher generations from %s", len(responses), path)
     else:
-        responses = _generate_shared(run, prompts, generation.batch_size, seed)
+        responses = _generate_shared(run, prompts, generation.batch_size, opts.seed)
         if run.process_index == 0:
             write_json_atomic(path, responses)
-    if targets == "text":
+    if opts.targets == "text":
         responses = retokenized(run, run.train_examples, responses)
-    elif capped_ending == "eos":
+    elif opts.capped_ending == "eos":
         responses = [ended_with_eos(r, run.tokenizer.eos_token_id) for r in responses]
     by_prompt = {tuple(p): r for p, r in zip(prompts, responses)}
 
@@ -136,14 +176,15 @@ def _generate_shared(run: StepContext, prompts: list[list[int]], batch_size: int
     return [generated[i] for i in range(len(prompts))]
 
 
-def mixture(run: StepContext, *, fraction: float = 0.5, schedule: str = "constant",
-            capped_ending: CappedEnding = "open") -> PseudoTargetSource:
+def mixture(run: StepContext, **options: Any) -> PseudoTargetSource:
     """A coin flip per optimizer step (GKD): student samples with probability
-    ``fraction * schedule(k, K)``, otherwise the dataset responses."""
-    on_policy, off_policy = student_samples(run, capped_ending=capped_ending), dataset_responses(run)
+    ``fraction * schedule(k, K)``, otherwise the dataset responses
+    (``options``: :class:`MixtureOptions`)."""
+    opts = MixtureOptions(**options)
+    on_policy, off_policy = student_samples(run, capped_ending=opts.capped_ending), dataset_responses(run)
 
     def make_batch(examples: ExampleBatch) -> TrainBatch:
-        probability = fraction * run.schedule(schedule)
+        probability = opts.fraction * run.schedule(opts.schedule)
         coin = torch.rand((), generator=keyed_generator(run.config.training.seed, "mixture", run.step))
         use_student = bool(coin < probability)  # one coin per optimizer step, the same in every process
         return (on_policy if use_student else off_policy)(examples)
@@ -151,12 +192,34 @@ def mixture(run: StepContext, *, fraction: float = 0.5, schedule: str = "constan
     return make_batch
 
 
+# --- memory footprints ------------------------------------------------------------
+
+
+def student_sampling(plan: PlanContext, options: Any) -> SourceFootprint:
+    """The student samples each micro-batch (its KV cache)."""
+    return SourceFootprint(samples_from=("student",), batch=plan.micro_batch)
+
+
+def teacher_sampling(plan: PlanContext, options: Any) -> SourceFootprint:
+    """The teacher samples each micro-batch (its KV cache)."""
+    return SourceFootprint(samples_from=("teacher",), batch=plan.micro_batch)
+
+
+def cached_teacher_sampling(plan: PlanContext, options: Any) -> SourceFootprint:
+    """The teacher samples once before training, ``generation.batch_size`` prompts per call."""
+    return SourceFootprint(samples_from=("teacher",), batch=plan.config.recipe.generation.batch_size)
+
+
 @hookimpl
 def distillkit_register_sources() -> list[SourceFactory]:
     return [
         SourceFactory("dataset", "the dataset's reference responses", dataset_responses),
-        SourceFactory("student", "fresh samples from the current student", student_samples),
-        SourceFactory("teacher", "samples from the (adapted) teacher, on the fly", teacher_samples),
-        SourceFactory("teacher_cache", "one teacher sample per prompt, generated once and cached", cached_teacher_samples),
-        SourceFactory("mixture", "student samples with probability lambda, else dataset responses", mixture),
+        SourceFactory("student", "fresh samples from the current student", student_samples, options=SampledOptions,
+                      footprint=student_sampling),
+        SourceFactory("teacher", "samples from the (adapted) teacher, on the fly", teacher_samples,
+                      options=SampledOptions, footprint=teacher_sampling),
+        SourceFactory("teacher_cache", "one teacher sample per prompt, generated once and cached",
+                      cached_teacher_samples, options=TeacherCacheOptions, footprint=cached_teacher_sampling),
+        SourceFactory("mixture", "student samples with probability lambda, else dataset responses", mixture,
+                      options=MixtureOptions, footprint=student_sampling),
     ]

@@ -2,21 +2,66 @@
 
 Every adapter keeps the teacher's own weights frozen; ``adapted=False``
 gives the plain (prompt-free / adapter-free) teacher, which PromptKD's
-regulariser needs.
+regulariser needs.  Each declares its options (a dataclass, checked when the
+recipe loads) and, for the memory planner, what it trains.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
 
-from distillkit.api import DistillkitError, StepContext, TeacherAdapterFactory, TrainBatch, hookimpl
+from distillkit.api import (
+    AdapterFootprint,
+    DistillkitError,
+    PlanContext,
+    StepContext,
+    TeacherAdapterFactory,
+    TrainBatch,
+    hookimpl,
+    require,
+)
 from distillkit.engine.prefix import prefix_embeddings, with_prefix_slots
 
 PROMPT_INIT_TEXT = "Suppose you are a student."
+PromptInit = Literal["text", "padding", "random"]
+
+
+@dataclass(frozen=True)
+class SoftPromptOptions:
+    """``length`` m vectors, initialised as ``init`` says (:func:`initial_prompt`);
+    ``train_mode_for_grad``: see :class:`SoftPromptTeacher`."""
+
+    length: int = 7
+    init: PromptInit = "text"
+    init_text: str = PROMPT_INIT_TEXT
+    train_mode_for_grad: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.length >= 1, "length", "be >= 1", self.length)
+        # checked on the text, not its tokens: a BOS alone is no init text
+        require(self.init != "text" or bool(self.init_text.strip()), "init_text",
+                "be non-empty text when the prompt starts from text", self.init_text)
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """peft's ``LoraConfig`` (r, lora_alpha, lora_dropout, target_modules;
+    None: peft's default modules for the model type)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 1, "rank", "be >= 1", self.rank)
+        require(self.alpha > 0, "alpha", "be > 0", self.alpha)
+        require(0 <= self.dropout < 1, "dropout", "be in [0, 1)", self.dropout)
 
 
 class FrozenTeacher:
@@ -49,7 +94,7 @@ class SoftPrompt(torch.nn.Module):
         self.weight = torch.nn.Parameter(initial.detach().clone().float())
 
 
-def initial_prompt(model: torch.nn.Module, tokenizer: Any, length: int, init: str, text: str) -> torch.Tensor:
+def initial_prompt(model: torch.nn.Module, tokenizer: Any, length: int, init: PromptInit, text: str) -> torch.Tensor:
     """(length, d) initial soft prompt (PromptKD appendix D).
 
     ``text``: embeddings of ``text``'s tokens *with* the tokenizer's special
@@ -64,15 +109,11 @@ def initial_prompt(model: torch.nn.Module, tokenizer: Any, length: int, init: st
     embeddings = model.get_input_embeddings().weight.detach()
     if init == "text":
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not text or not ids:  # checked on the text: a BOS alone is no init text
-            raise DistillkitError("the soft-prompt init text tokenizes to nothing; set a non-empty prompt_init_text")
         return embeddings[[ids[i % len(ids)] for i in range(length)]]
     if init == "padding":
         return embeddings[[tokenizer.pad_token_id] * length]
-    if init == "random":
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn((length, embeddings.shape[1]), generator=generator).to(embeddings) * embeddings.float().std()
-    raise DistillkitError(f"unknown soft-prompt init '{init}'; use 'text', 'padding' or 'random'")
+    generator = torch.Generator().manual_seed(0)  # "random"
+    return torch.randn((length, embeddings.shape[1]), generator=generator).to(embeddings) * embeddings.float().std()
 
 
 class SoftPromptTeacher(FrozenTeacher):
@@ -82,16 +123,15 @@ class SoftPromptTeacher(FrozenTeacher):
     so the result aligns with the student's.  With ``train_mode_for_grad``
     the teacher runs in train mode (dropout on) for gradient-carrying passes,
     as in the original code; targets are computed in eval mode.
+    ``options``: :class:`SoftPromptOptions`.
     """
 
-    def __init__(self, model: torch.nn.Module, run: StepContext, *, length: int = 7, init: str = "text",
-                 init_text: str = PROMPT_INIT_TEXT, train_mode_for_grad: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, run: StepContext, **options: Any) -> None:
         super().__init__(model, run)
-        if length < 1:
-            raise DistillkitError(f"the soft prompt needs at least one token, got length {length}")
-        self.prompt = SoftPrompt(initial_prompt(model, run.tokenizer, length, init, init_text))
-        self.train_mode_for_grad = train_mode_for_grad
-        self.extra_positions = length
+        opts = SoftPromptOptions(**options)
+        self.prompt = SoftPrompt(initial_prompt(model, run.tokenizer, opts.length, opts.init, opts.init_text))
+        self.train_mode_for_grad = opts.train_mode_for_grad
+        self.extra_positions = opts.length
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
     def logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
@@ -143,14 +183,15 @@ class _LoraState:
 
 
 class LoraTeacher(FrozenTeacher):
-    """The frozen teacher with trainable LoRA matrices (PromptKD's ablation, via peft)."""
+    """The frozen teacher with trainable LoRA matrices (PromptKD's ablation,
+    via peft); ``options``: :class:`LoraOptions`."""
 
-    def __init__(self, model: torch.nn.Module, run: StepContext, *, rank: int = 8, alpha: int = 16,
-                 dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, run: StepContext, **options: Any) -> None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                            task_type="CAUSAL_LM")
+        opts = LoraOptions(**options)
+        config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                            target_modules=opts.target_modules, task_type="CAUSAL_LM")
         super().__init__(model, run)
         self.model = get_peft_model(model, config)
         self.model.eval()
@@ -171,10 +212,39 @@ class LoraTeacher(FrozenTeacher):
         self.model.save_pretrained(folder)
 
 
+# --- memory footprints ------------------------------------------------------------
+
+
+def soft_prompt_footprint(plan: PlanContext, options: SoftPromptOptions) -> AdapterFootprint:
+    """m x d trainable values, m more positions per teacher sequence, and
+    gradients that reach the teacher's inputs only."""
+    hidden = plan.teacher.hidden
+    return AdapterFootprint(trainable=options.length * hidden, note=f"soft prompt {options.length} x {hidden}",
+                            extra_positions=options.length, gradients_to_inputs_only=True,
+                            dropout=options.train_mode_for_grad)
+
+
+def lora_footprint(plan: PlanContext, options: LoraOptions) -> AdapterFootprint:
+    """r (in + out) values per adapted linear layer (peft's A: r x in, B:
+    out x r), counted on the teacher built on the meta device; the target
+    modules default to peft's for the model type."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from transformers.pytorch_utils import Conv1D
+
+    model = plan.meta_teacher()
+    targets = options.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+        model.config.model_type, [])
+    count = sum(options.rank * sum(module.weight.shape) for name, module in model.named_modules()
+                if name.split(".")[-1] in targets and isinstance(module, (torch.nn.Linear, Conv1D)))
+    return AdapterFootprint(trainable=count, note=f"LoRA rank {options.rank}: {count:,} values")
+
+
 @hookimpl
 def distillkit_register_teacher_adapters() -> list[TeacherAdapterFactory]:
     return [
         TeacherAdapterFactory("frozen", "the teacher as loaded, without gradients", FrozenTeacher),
-        TeacherAdapterFactory("soft_prompt", "frozen teacher + trainable soft prompt (PromptKD)", SoftPromptTeacher),
-        TeacherAdapterFactory("lora", "frozen teacher + trainable LoRA (peft)", LoraTeacher),
+        TeacherAdapterFactory("soft_prompt", "frozen teacher + trainable soft prompt (PromptKD)", SoftPromptTeacher,
+                              options=SoftPromptOptions, footprint=soft_prompt_footprint),
+        TeacherAdapterFactory("lora", "frozen teacher + trainable LoRA (peft)", LoraTeacher, options=LoraOptions,
+                              footprint=lora_footprint),
     ]

@@ -1,5 +1,6 @@
 """Recipe files: finding them (shipped and plugin-provided folders), TOML,
-``extends`` (tables merged key by key) and ``--set`` overrides."""
+``extends`` (tables merged key by key) and ``--set`` overrides (``key=value``
+sets a key, ``key={...}`` replaces a whole table, ``~key`` removes a key)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from distillkit.config.assembly import resolve_run
+from distillkit.config.assembly import resolve_section
 from distillkit.config.schema import Recipe, TrainingConfig, build, merge
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.registry import registry
@@ -85,9 +86,34 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _remove_key(raw: dict[str, Any], removal: str) -> None:
+    """Apply ``~a.b.c``: delete that key from ``raw`` (in place)."""
+    path = removal[1:].strip()
+    if not path or "=" in path:
+        raise DistillkitError(f"--set {removal}: ~KEY removes a key and takes no value (e.g. --set '~teacher.config')")
+    *tables, last = path.split(".")
+    node = raw
+    for key in tables:
+        node = node.get(key)
+        if not isinstance(node, dict):
+            raise DistillkitError(f"--set {removal}: the recipe has no table '{key}' there; nothing to remove")
+    if last not in node:
+        raise DistillkitError(f"--set {removal}: the recipe sets no '{path}'{did_you_mean(last, node)}; "
+                              f"keys set there: {', '.join(node) or 'none'}")
+    del node[last]
+
+
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``raw`` (not changed) with the ``--set`` assignments applied in order:
+    ``key=value`` sets a key (``key={...}``, an inline table, replaces the
+    whole table) and ``~key`` removes one, as in Hydra; e.g. ``--set
+    '~teacher.config' --set teacher.path=gpt2`` swaps a built teacher for a
+    hub model while keeping the rest of the ``[teacher]`` table."""
     raw = copy.deepcopy(raw)
     for assignment in assignments:
+        if assignment.startswith("~"):
+            _remove_key(raw, assignment)
+            continue
         keys, value = parse_override(assignment)
         node = raw
         for key in keys[:-1]:
@@ -113,7 +139,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
                 f"recipe section 'methods.{name}' names no registered method{did_you_mean(name, methods.names())}; "
                 f"registered: {', '.join(methods.names())}"
             )
-        resolve_run(recipe, name)  # every method section is checked now, not when that method first runs
+        resolve_section(recipe, name)  # every method section's values are checked now, not when it first runs
     return recipe
 
 

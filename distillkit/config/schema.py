@@ -61,16 +61,32 @@ class TokenizerConfig:
     train_vocab_size: int | None = None
 
 
+PromptSource = Literal["template", "field"]
+"""Where an example's prompt comes from: the Alpaca template or the row's own ``prompt`` field."""
+LongPrompts = Literal["drop", "cut_left"]
+"""What happens to a prompt over ``max_prompt_length`` tokens: the example is dropped, or the prompt keeps its end."""
+
+
 @dataclass
 class DataConfig:
     """Training data: a registered dataset name, a hub id or a local path.
-    ``files`` maps split names to files when ``dataset`` is a folder;
-    prompts longer than ``max_prompt_length`` tokens are dropped from
-    training and truncated (keeping their end) in evaluation."""
+    ``files`` maps split names to files when ``dataset`` is a folder.
+
+    ``prompt``: the model input is the Alpaca template of the instruction
+    and input (``"template"``) or each row's own ``prompt`` field, verbatim
+    (``"field"``, e.g. MiniLLM's processed rows; a row without one is an
+    error).  ``long_prompts``: a training example whose prompt exceeds
+    ``max_prompt_length`` tokens is dropped (``"drop"``, as the references'
+    ``tools/process_data_dolly.py`` does) or keeps the prompt's last
+    ``max_prompt_length`` tokens (``"cut_left"``); validation and test
+    prompts always keep their end, so that every example is scored (see
+    docs/fidelity.md, "long prompts")."""
 
     dataset: str = "dolly"
     format: str = "auto"
     files: dict[str, str] = field(default_factory=dict)
+    prompt: PromptSource = "template"
+    long_prompts: LongPrompts = "drop"
     max_prompt_length: int = 256
     max_length: int = 512
     train_limit: int = 0
@@ -86,7 +102,8 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     """Optimisation budget and bookkeeping of one run.  ``batch_size`` is the
-    global batch (all processes together); ``micro_batch_size`` is per process.
+    global batch (all processes together), a multiple of the number of
+    processes x ``micro_batch_size`` (per process).
 
     ``group_by_length`` batches examples of similar length (less padding,
     cheaper steps); on the tiny recipe it trained to a worse validation loss
@@ -95,7 +112,19 @@ class TrainingConfig:
     before the update (``"stop"``), keeping the last checkpoint, or skips
     that update (``"skip"``, counted in the trainer state and logged).
     ``keep_checkpoints``: the newest checkpoints kept; resuming falls back
-    to an older one when the newest cannot be loaded."""
+    to an older one when the newest cannot be loaded.
+
+    ``shuffle = false`` feeds the training examples in file order every
+    epoch (no permutation; not with ``group_by_length``).  ``optimizer``:
+    torch's AdamW as it chooses its implementation (``"adamw"``: a loop over
+    the parameters on CPU, ``foreach`` on CUDA), or forced to the
+    multi-tensor (``"adamw_foreach"``) or fused kernels (``"adamw_fused"``,
+    where torch has them for the parameters' device and dtype); the results
+    agree up to float round-off.  ``progress_bar = false`` runs without the
+    console progress bar (validation lines are still printed);
+    ``final_checkpoint = false`` writes no checkpoint after the last step
+    (only those every ``save_every`` steps before it), e.g. for a timed run
+    that will not be resumed."""
 
     epochs: float = 1.0
     max_steps: int = 0
@@ -117,6 +146,10 @@ class TrainingConfig:
     log_every: int = 10
     on_nonfinite: Literal["stop", "skip"] = "stop"
     keep_checkpoints: int = 2
+    shuffle: bool = True
+    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = "adamw"
+    progress_bar: bool = True
+    final_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
@@ -131,17 +164,25 @@ class TrainingConfig:
                 "be >= 0 (0: no clipping)", self.max_grad_norm)
         require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
                 "be two numbers in [0, 1)", self.adam_betas)
+        require(self.shuffle or not self.group_by_length, "group_by_length",
+                "be false when shuffle is false (examples in file order)", self.group_by_length)
 
 
 @dataclass
 class GenerationConfig:
-    """Sampling settings (the paper's: top-k 0, top-p 1.0, temperature 1.0).
-    ``max_new_tokens = 0`` means up to ``data.max_length`` in total."""
+    """Sampling settings, the sampler's one settings type
+    (:func:`distillkit.engine.sampling.sample`).  The paper's: top-k 0,
+    top-p 1.0, temperature 1.0; ``temperature = 0`` is greedy decoding.
+    ``max_new_tokens = 0`` means up to ``data.max_length`` in total;
+    ``no_repeat_ngram_size`` > 0 bans repeating an n-gram of that many
+    tokens (0: off; final evaluation uses ``[eval]``'s); ``batch_size``:
+    prompts per sampler call."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -151,7 +192,24 @@ class GenerationConfig:
         require(0 < self.top_p <= 1, "top_p", "be in (0, 1]", self.top_p)
         require(self.max_new_tokens >= 0, "max_new_tokens", "be >= 0 (0: up to data.max_length)",
                 self.max_new_tokens)
+        require(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "be >= 0 (0: off)",
+                self.no_repeat_ngram_size)
         require(self.batch_size >= 1, "batch_size", "be >= 1", self.batch_size)
+
+    def with_overrides(self, *, max_new_tokens: int | None = None,
+                       no_repeat_ngram_size: int | None = None) -> GenerationConfig:
+        """These settings with ``max_new_tokens`` and ``no_repeat_ngram_size``
+        replaced where given (None keeps this section's), e.g. by ``[eval]``'s."""
+        given = {"max_new_tokens": max_new_tokens, "no_repeat_ngram_size": no_repeat_ngram_size}
+        return dataclasses.replace(self, **{name: value for name, value in given.items() if value is not None})
+
+    def within(self, prompts: list[list[int]], max_length: int) -> GenerationConfig:
+        """These settings with ``max_new_tokens`` capped so that the longest
+        prompt (token ids) plus its response fits in ``max_length`` tokens
+        (``max_new_tokens = 0``: fill it)."""
+        room = max(max_length - max(len(p) for p in prompts), 0)
+        budget = min(self.max_new_tokens, room) if self.max_new_tokens > 0 else room
+        return dataclasses.replace(self, max_new_tokens=budget)
 
 
 @dataclass
@@ -239,16 +297,24 @@ def _check_registered_names(options: Any, hints: dict[str, Any]) -> None:
                 getattr(registry(), marker.category).require(getattr(options, name), name)
 
 
-def build(cls: type, data: dict[str, Any], where: str) -> Any:
+def option_error(key: str, error: OptionError) -> DistillkitError:
+    """The one-line error of an option check that failed on recipe ``key``."""
+    return DistillkitError(f"'{key}' {error.problem}; change it in the recipe or with --set {key}=...")
+
+
+def build(cls: type, data: dict[str, Any], where: str, keys: dict[str, str] | None = None) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types
-    raise :class:`DistillkitError` naming the key (``where.key``)."""
+    raise :class:`DistillkitError` naming the key (``where.key``, or
+    ``keys[key]`` for a field that another recipe key sets, such as a
+    source option set by a method option)."""
     if not isinstance(data, dict):
         raise DistillkitError(f"'{where}' must be a table, got {data!r}")
     hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
+    keys = keys or {}
     kwargs = {}
     for key, value in data.items():
-        path = f"{where}.{key}" if where else key
+        path = keys.get(key) or (f"{where}.{key}" if where else key)
         if key not in names:
             raise DistillkitError(
                 f"unknown key '{path}'{did_you_mean(key, names)}; valid keys here: {', '.join(names)}"
@@ -265,8 +331,7 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
         _check_registered_names(built, hints)
         return built
     except OptionError as err:  # the dataclass's own checks
-        key = f"{where}.{err.field}" if where else err.field
-        raise DistillkitError(f"'{key}' {err.problem}; change it in the recipe or with --set {key}=...") from None
+        raise option_error(keys.get(err.field) or (f"{where}.{err.field}" if where else err.field), err) from None
     except ValueError as err:
         raise DistillkitError(f"'{where}': {err}") from None
 

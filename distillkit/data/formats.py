@@ -43,9 +43,11 @@ def dolly_row(row: dict[str, Any], origin: str) -> InstructionExample:
 
 
 def processed_row(row: dict[str, Any], origin: str) -> InstructionExample:
-    """MiniLLM/PromptKD processed: instruction, input (optional), output (one or a list), prompt (ignored)."""
+    """MiniLLM/PromptKD processed: instruction, input (optional), output (one
+    or a list), prompt (optional; used verbatim with ``data.prompt = "field"``)."""
+    prompt = _text(row, "prompt") if row.get("prompt") is not None else None
     return InstructionExample(_text(row, "instruction"), _text(row, "input", required=False),
-                              _references(row, "output"), origin)
+                              _references(row, "output"), origin, prompt)
 
 
 def _instance_example(instruction: str, instance: Any, where: str, origin: str) -> InstructionExample:

@@ -8,6 +8,7 @@ only then on the hub.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any
 
 from distillkit.api import DataFormat, DatasetSpec, InstructionExample
 from distillkit.config import DataConfig
+from distillkit.config.schema import PromptSource
 from distillkit.data.formats import read_rows
 from distillkit.errors import DatasetUnavailable, DistillkitError, did_you_mean
 from distillkit.registry import registry
@@ -40,6 +42,19 @@ def detect_format(row: dict[str, Any], origin: str) -> DataFormat:
             "set data.format or register a format plugin"
         )
     return max(matches, key=lambda f: len(f.fields))
+
+
+def with_prompts(examples: list[InstructionExample], source: PromptSource) -> list[InstructionExample]:
+    """``examples`` with the prompts ``data.prompt`` asks for: ``"template"``
+    clears any prompt a row carried (the template is applied), ``"field"``
+    keeps them and requires one on every example."""
+    if source == "template":
+        return [dataclasses.replace(example, prompt=None) for example in examples]
+    missing = next((example for example in examples if example.prompt is None), None)
+    if missing is not None:
+        raise DistillkitError(f"{missing.origin}: data.prompt = 'field' but this row has no 'prompt' field; "
+                              "give every row one or set data.prompt = 'template'")
+    return examples
 
 
 def parse_rows(rows: Iterator[tuple[dict[str, Any], str]], format_name: str) -> list[InstructionExample]:
@@ -131,9 +146,9 @@ def load_split(config: DataConfig, split: str) -> list[InstructionExample]:
         path = folder / files[split]
         if not path.is_file():
             raise _absent(spec, f"dataset '{config.dataset}': split file {path} does not exist")
-        return parse_rows(read(path), fmt)
+        return with_prompts(parse_rows(read(path), fmt), config.prompt)
     rows = read_rows(folder) if folder is not None and folder.is_file() else _hub_rows(location, looked)
-    return _split_by_seed(parse_rows(rows, fmt), sizes, config.split_seed)[split]
+    return with_prompts(_split_by_seed(parse_rows(rows, fmt), sizes, config.split_seed)[split], config.prompt)
 
 
 def dataset_spec(name: str) -> DatasetSpec | None:
@@ -143,10 +158,11 @@ def dataset_spec(name: str) -> DatasetSpec | None:
 
 
 def load_eval_set(name_or_path: str) -> list[InstructionExample]:
-    """A registered dataset's test split, or every row of a local file; before
-    the dataset's reference-length filter (:func:`keep_long_references`)."""
+    """A registered dataset's test split, or every row of a local file, with
+    templated prompts; before the dataset's reference-length filter
+    (:func:`keep_long_references`)."""
     if Path(name_or_path).is_file():
-        return parse_rows(read_rows(Path(name_or_path)), "auto")
+        return with_prompts(parse_rows(read_rows(Path(name_or_path)), "auto"), "template")
     names = registry().datasets.names()
     if name_or_path not in names and "/" not in name_or_path:  # neither a registered set, a file nor a hub id
         raise DistillkitError(f"unknown test set '{name_or_path}'{did_you_mean(name_or_path, names)}; registered: "

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 def data_identity(recipe: Recipe) -> dict[str, Any]:
     """The fields of ``[data]`` that change which training examples exist."""
     data = to_dict(recipe.data)
-    return {k: data[k] for k in ("dataset", "format", "files", "train_limit", "split_seed", "max_prompt_length",
-                                 "max_length")}
+    return {k: data[k] for k in ("dataset", "format", "files", "train_limit", "split_seed", "prompt", "long_prompts",
+                                 "max_prompt_length", "max_length")}
 
 
 def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
@@ -62,10 +62,10 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
     if data.train_limit:
         train_examples = train_examples[: data.train_limit]
     train, dropped = tokenize(train_examples, tokenizer, max_prompt_length=data.max_prompt_length,
-                              max_length=data.max_length, training=True)
+                              max_length=data.max_length, long_prompts=data.long_prompts)
     if dropped:
         log.info("dropped %d of %d training examples whose prompt exceeds %d tokens", dropped, len(train_examples),
                  data.max_prompt_length)
     validation, _ = tokenize(load_split(data, "validation"), tokenizer, max_prompt_length=data.max_prompt_length,
-                             max_length=data.max_length, training=False)
+                             max_length=data.max_length, long_prompts="cut_left")
     return PreparedData(train, validation)

@@ -18,7 +18,7 @@ from distillkit.data.loading import DEFAULT_SPLIT_SIZES
 BUILTIN_FORMATS = [
     DataFormat("dolly", "raw databricks-dolly-15k rows: instruction, context, response, category",
                frozenset({"instruction", "context", "response"}), dolly_row),
-    DataFormat("minillm", "processed rows of MiniLLM/PromptKD: instruction, input, output, prompt",
+    DataFormat("minillm", "processed rows of MiniLLM/PromptKD: instruction, input, output, prompt (optional)",
                frozenset({"instruction", "output"}), processed_row),
     DataFormat("self-instruct", "Self-Instruct user-oriented rows: id, motivation_app, instruction, "
                "instances [{input, output}]", frozenset({"id", "motivation_app", "instruction", "instances"}),

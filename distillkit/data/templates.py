@@ -1,5 +1,6 @@
 """The prompt template: the Alpaca template of the PromptKD paper (Table 5),
-with or without ``### Input:``."""
+with or without ``### Input:``, as gmkim-ai/PromptKD ``tools/process_data_dolly.py``
+writes it; or an example's own prompt."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ PROMPT_WITHOUT_INPUT = (
 
 
 def format_prompt(example: InstructionExample) -> str:
-    """The Alpaca prompt ``x`` for an example."""
+    """The prompt ``x`` of an example: its own ``prompt``, verbatim, when it
+    carries one (``data.prompt = "field"``), else the Alpaca template."""
+    if example.prompt is not None:
+        return example.prompt
     template = PROMPT_WITH_INPUT if example.input.strip() else PROMPT_WITHOUT_INPUT
     return template.format(instruction=example.instruction, input=example.input)

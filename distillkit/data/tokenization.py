@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distillkit.api import InstructionExample, TokenizedExample
+from distillkit.config.schema import LongPrompts
 from distillkit.data.templates import format_prompt
 from distillkit.errors import DistillkitError
 
@@ -15,7 +16,7 @@ def tokenize(
     *,
     max_prompt_length: int,
     max_length: int,
-    training: bool,
+    long_prompts: LongPrompts,
 ) -> tuple[list[TokenizedExample], int]:
     """Tokenize as MiniLLM/PromptKD do for every model family (gpt2, opt,
     llama): ``Encoder.encode`` of gmkim-ai/PromptKD ``tools/process_data_dolly.py``
@@ -30,10 +31,11 @@ def tokenize(
     first reference after the prompt's token count (even where the joint
     tokenisation merges across the boundary), plus EOS.
 
-    Length rules: in training, examples whose prompt exceeds
-    ``max_prompt_length`` tokens are dropped (as the reference does); in
-    evaluation the prompt keeps its last ``max_prompt_length`` tokens.
-    Responses are cut so that prompt + response <= ``max_length``.
+    Length rules: an example whose prompt exceeds ``max_prompt_length``
+    tokens is dropped (``long_prompts = "drop"``, as the reference does in
+    training) or keeps the prompt's last ``max_prompt_length`` tokens
+    (``"cut_left"``; the response is still the one sliced after the whole
+    prompt).  Responses are cut so that prompt + response <= ``max_length``.
     Returns the examples (``prompt_ids``: the prompt's ids; ``response_ids``:
     response + EOS) and the number dropped."""
     if max_prompt_length >= max_length:
@@ -47,7 +49,7 @@ def tokenize(
     for example, prompt, joint in zip(examples, prompts, joints):
         response = joint[len(prompt):] + [tokenizer.eos_token_id]
         if len(prompt) > max_prompt_length:
-            if training:
+            if long_prompts == "drop":
                 dropped += 1
                 continue
             prompt = prompt[-max_prompt_length:]

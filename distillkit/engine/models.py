@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from distillkit.config import ModelConfig
+from distillkit.config.assembly import check_model_spec
 from distillkit.errors import DistillkitError
 from distillkit.files import cache_root, fingerprint, publish_dir
 
@@ -230,20 +231,10 @@ def load_model(spec: ModelConfig, tokenizer: Any, role: str, *, teacher: ModelCo
     ``teacher`` is the teacher's spec, needed by ``init_from = "teacher"``
     (the student then starts from the teacher's own weights, before any
     ``teacher.sft``)."""
-    if spec.init_from is not None and role != "student":
-        raise DistillkitError(f"'{role}.init_from' is for the student only (a student cut from the teacher)")
-    if [spec.path, spec.config, spec.init_from].count(None) != 2:
-        raise DistillkitError(f"{role}: set exactly one of '{role}.path' (a model), '{role}.config' (build one) "
-                              f"or '{role}.init_from' (\"teacher\": cut from the teacher)")
-    if spec.num_layers is not None and spec.init_from is None:
-        raise DistillkitError(f"'{role}.num_layers' only applies with {role}.init_from = \"teacher\"")
-    if spec.gguf_file is not None and spec.path is None:
-        raise DistillkitError(f"'{role}.gguf_file' needs '{role}.path', the folder (or package:NAME) that holds it")
+    check_model_spec(spec, role)
     if spec.init_from is not None:
         if teacher is None:
             raise DistillkitError(f"{role}.init_from = \"teacher\" needs the teacher's spec")
-        if teacher.init_from is not None:
-            raise DistillkitError("'teacher.init_from' is for the student only; give the teacher a path or config")
         base = load_model(dataclasses.replace(teacher, sft=None), tokenizer, "teacher")
         layers = len(decoder_layers(base)[1])
         model = shrink_model(base, spec.num_layers if spec.num_layers is not None else layers)

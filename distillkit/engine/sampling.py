@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,46 +29,24 @@ from transformers.generation.logits_process import (
 )
 
 from distillkit.api.batch import CappedEnding, ended_with_eos, left_pad
+from distillkit.config import GenerationConfig
 from distillkit.engine.prefix import prefix_embeddings, with_prefix_slots
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """``temperature = 0`` means greedy decoding; ``top_k = 0`` and
-    ``top_p = 1.0`` disable those filters (the paper's settings)."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    no_repeat_ngram_size: int = 0
-
-    def within(self, prompts: list[list[int]], max_length: int) -> SamplingSettings:
-        """These settings with ``max_new_tokens`` capped so that the longest
-        prompt plus its response fits in ``max_length`` (0 means fill it)."""
-        room = max(max_length - max(len(p) for p in prompts), 0)
-        budget = min(self.max_new_tokens, room) if self.max_new_tokens > 0 else room
-        return replace(self, max_new_tokens=budget)
-
-    def processors(self) -> LogitsProcessorList:
-        processors = LogitsProcessorList()
-        if self.no_repeat_ngram_size > 0:
-            processors.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
-        if self.temperature > 0 and self.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_k > 0:
-            processors.append(TopKLogitsWarper(self.top_k))
-        if self.top_p < 1.0:
-            processors.append(TopPLogitsWarper(self.top_p))
-        return processors
-
-
-def settings_from(generation: Any, *, no_repeat_ngram_size: int = 0,
-                  max_new_tokens: int | None = None) -> SamplingSettings:
-    """Sampling settings of a recipe's ``[generation]`` section;
-    ``max_new_tokens`` (if not None) replaces its cap, e.g. ``[eval]``'s."""
-    cap = generation.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return SamplingSettings(cap, generation.temperature, generation.top_k, generation.top_p, no_repeat_ngram_size)
+def logits_processors(settings: GenerationConfig) -> LogitsProcessorList:
+    """The ``transformers`` processors of ``settings``, applied in this order:
+    the n-gram ban, temperature, top-k, top-p (none for the paper's settings;
+    ``temperature = 0``, greedy, needs none)."""
+    processors = LogitsProcessorList()
+    if settings.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
+    if settings.temperature > 0 and settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k > 0:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
 
 
 def _signed(value: int) -> int:
@@ -141,7 +118,7 @@ def _extend(
 def sample(
     model: torch.nn.Module,
     prompts: list[list[int]],
-    settings: SamplingSettings,
+    settings: GenerationConfig,
     *,
     eos_token_id: int,
     pad_token_id: int,
@@ -155,7 +132,8 @@ def sample(
     max_length: int = 0,
     capped_ending: CappedEnding = "open",
 ) -> list[list[int]]:
-    """Sample one response per prompt.
+    """Sample one response per prompt with ``settings`` (temperature, top-k,
+    top-p, n-gram ban, ``max_new_tokens``; its ``batch_size`` is the caller's).
 
     Returns the response token ids of each prompt, through the first EOS
     (kept) or cut at ``max_new_tokens``; with ``max_length`` > 0 also at
@@ -183,7 +161,7 @@ def sample(
         m.eval()
     device = next(model.parameters()).device
     input_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
-    processors = settings.processors()
+    processors = logits_processors(settings)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     fill = 2**62 if max_length > 0 else 0  # max_new_tokens = 0: up to max_length
     budget = torch.full_like(lengths, settings.max_new_tokens if settings.max_new_tokens > 0 else fill)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from distillkit.api import TokenizedExample, TrainBatch, collate
+from distillkit.config import GenerationConfig
 from distillkit.engine.losses import masked_token_divergences
-from distillkit.engine.sampling import SamplingSettings
 from distillkit.errors import DistillkitError
 from distillkit.evaluation.protocol import generate, load_model_dir
 from distillkit.registry import registry
@@ -55,7 +55,7 @@ def sample_prefixes(model: torch.nn.Module, tokenizer: Any, examples: list[Token
     sample s of example i at index ``i * samples + s``."""
     repeated = [example for example in examples for _ in range(samples)]
     longest = max(len(example.prompt_ids) for example in examples)
-    return generate(model, tokenizer, repeated, SamplingSettings(max_new_tokens=steps), seed=seed,
+    return generate(model, tokenizer, repeated, GenerationConfig(max_new_tokens=steps), seed=seed,
                     batch_size=batch_size, max_length=longest + steps)
 
 
@@ -123,20 +123,19 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
     student (label -> model or run folder) against the teacher on the first
     ``limit`` prompts of ``data``; prompts are cut (keeping their end) so
     that prompt + ``steps`` fits the teacher.  Returns a JSON-ready report."""
-    from distillkit.config import DataConfig, GenerationConfig, build
     from distillkit.data.loading import load_eval_set
     from distillkit.data.tokenization import tokenize
     from distillkit.engine.models import check_shared_vocabulary, max_positions
 
     teacher, tokenizer, recipe = load_model_dir(teacher_dir)
     positions = max_positions(teacher) or 2**31
-    room = min(build(DataConfig, recipe.get("data", {}), "data").max_prompt_length, positions - steps)
+    room = min(recipe.data.max_prompt_length, positions - steps)
     if room < 1:
         raise DistillkitError(f"--max-length {steps} leaves no room for a prompt in the teacher's {positions} "
                               "positions; lower --max-length")
     examples, _ = tokenize(load_eval_set(data)[: limit or None], tokenizer, max_prompt_length=room,
-                           max_length=room + steps, training=False)
-    batch_size = batch_size or build(GenerationConfig, recipe.get("generation", {}), "generation").batch_size
+                           max_length=room + steps, long_prompts="cut_left")
+    batch_size = batch_size or recipe.generation.batch_size
     settings = {"steps": steps, "samples": samples, "seed": seed, "batch_size": batch_size}
     notice(f"sampling {samples} teacher responses for each of {len(examples)} prompts")
     teacher_prefixes = sample_prefixes(teacher, tokenizer, examples, **settings)

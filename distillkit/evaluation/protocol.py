@@ -22,7 +22,9 @@ import torch
 from rouge_score import rouge_scorer
 
 from distillkit.api import TokenizedExample
-from distillkit.engine.sampling import SamplingSettings, sample, settings_from
+from distillkit.config import GenerationConfig, Recipe
+from distillkit.config.run_folder import BEST, recipe_of_model
+from distillkit.engine.sampling import sample
 from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.files import cache_root, files_fingerprint, fingerprint, write_json_atomic
 
@@ -55,7 +57,7 @@ def generate(
     model: torch.nn.Module,
     tokenizer: Any,
     examples: list[TokenizedExample],
-    settings: SamplingSettings,
+    settings: GenerationConfig,
     *,
     seed: int,
     batch_size: int,
@@ -92,7 +94,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
     examples: list[TokenizedExample],
-    settings: SamplingSettings,
+    settings: GenerationConfig,
     *,
     seeds: list[int],
     batch_size: int,
@@ -114,29 +116,20 @@ def evaluate(
     return result
 
 
-def _run_settings(model_dir: Path) -> dict[str, Any]:
-    """The recipe of the run that produced the model, from the ``run.json``
-    next to it (else the defaults: the paper's lengths and sampling)."""
-    for folder in (model_dir, model_dir.parent):
-        manifest = folder / "run.json"
-        if manifest.is_file():
-            return json.loads(manifest.read_text())["recipe"]
-    return {}
-
-
 def model_folder(model_dir: Path) -> Path:
     """The model folder itself, or a run folder's ``best/``."""
-    if (model_dir / "best").is_dir():
-        model_dir = model_dir / "best"
+    if (model_dir / BEST).is_dir():
+        model_dir = model_dir / BEST
     if not (model_dir / "config.json").is_file():
         raise DistillkitError(f"{model_dir} holds no model (config.json missing); pass a model or run folder")
     return model_dir
 
 
-def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """The model (on the GPU when there is one), tokenizer and recipe (from
-    ``run.json``, else {}) in a model folder, or in a run folder's ``best/``;
-    ``model.name_or_path`` is the folder read."""
+def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, Recipe]:
+    """The model (on the GPU when there is one), tokenizer and the recipe of
+    the run that produced it (see :func:`~distillkit.config.run_folder.recipe_of_model`)
+    in a model folder, or in a run folder's ``best/``; ``model.name_or_path``
+    is the folder read."""
     from transformers import AutoModelForCausalLM
 
     from distillkit.engine.models import load_tokenizer
@@ -145,15 +138,13 @@ def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model, tokenizer, _run_settings(model_dir)
+    return model, tokenizer, recipe_of_model(model_dir)
 
 
 def recipe_seeds(model_dir: Path) -> list[int]:
     """The evaluation seeds of the run that produced the model (the paper's
     10, 20, 30, 40, 50 unless its recipe says otherwise)."""
-    from distillkit.config import EvalConfig, build
-
-    return list(build(EvalConfig, _run_settings(model_folder(model_dir)).get("eval", {}), "eval").seeds)
+    return list(recipe_of_model(model_folder(model_dir)).eval.seeds)
 
 
 @dataclass(frozen=True)
@@ -163,28 +154,25 @@ class EvalSetup:
 
     max_prompt_length: int
     max_length: int
-    settings: SamplingSettings
+    settings: GenerationConfig
     batch_size: int
 
 
-def eval_setup(model: torch.nn.Module, recipe: dict[str, Any], batch_size: int,
+def eval_setup(model: torch.nn.Module, recipe: Recipe, batch_size: int,
                notice: Callable[[str], None]) -> EvalSetup:
     """The lengths and sampling of the run's recipe (``batch_size`` 0: the
     recipe's), with lengths cut to the positions the model takes."""
-    from distillkit.config import DataConfig, EvalConfig, GenerationConfig, build
     from distillkit.engine.models import max_positions
 
-    data_cfg = build(DataConfig, recipe.get("data", {}), "data")
-    generation = build(GenerationConfig, recipe.get("generation", {}), "generation")
-    eval_cfg = build(EvalConfig, recipe.get("eval", {}), "eval")
+    data_cfg, generation, eval_cfg = recipe.data, recipe.generation, recipe.eval
     max_prompt_length, max_length = data_cfg.max_prompt_length, data_cfg.max_length
     positions = max_positions(model)
     if positions is not None and positions < max_length:
         notice(f"note: the model takes {positions} positions; max_length {max_length} -> {positions}")
         max_prompt_length, max_length = min(max_prompt_length, positions // 2), positions
     return EvalSetup(max_prompt_length, max_length,
-                     settings_from(generation, no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
-                                   max_new_tokens=eval_cfg.max_new_tokens),
+                     generation.with_overrides(max_new_tokens=eval_cfg.max_new_tokens,
+                                               no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
                      batch_size or generation.batch_size)
 
 
@@ -240,7 +228,7 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     if not examples:
         raise DistillkitError(f"test set '{name}' has no examples to evaluate")
     tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=setup.max_prompt_length,
-                            max_length=setup.max_length, training=False)
+                            max_length=setup.max_length, long_prompts="cut_left")
     content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
     folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
     key = (name, content, dataclasses.asdict(setup), limit, next(model.parameters()).device.type)

@@ -1,1 +1,2 @@
-"""Training: the step context, the trainer loop, checkpoints and the pipeline from a recipe to a student."""
+"""Training: the step context (``run``), the loop (``trainer``) and its parts (``accelerator``, ``batches``,
+``optimizers``, ``validation``, ``checkpoints``, ``outputs``), and the pipeline from a recipe to a student."""

@@ -39,9 +39,10 @@ from distillkit.engine.models import (
     model_identity,
 )
 from distillkit.errors import DistillkitError
-from distillkit.files import cache_root, exclusive, fingerprint
+from distillkit.files import cache_root, exclusive, fingerprint, write_text_atomic
 from distillkit.registry import registry
-from distillkit.training.trainer import Trainer, check_run_folder
+from distillkit.training.outputs import check_run_folder
+from distillkit.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
             Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
                     resume=True, console=session.console).fit()
             if state.is_main_process:
-                (folder / "DONE").write_text("complete\n")
+                write_text_atomic(folder / "DONE", "complete\n")
         state.wait_for_everyone()
     model_spec = dataclasses.replace(spec, path=str(best), config=None, gguf_file=None, sft=None, init_from=None,
                                      num_layers=None)

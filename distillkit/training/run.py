@@ -15,7 +15,7 @@ from distillkit.api import CappedEnding, ExampleBatch, TeacherAdapter, Tokenized
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
 from distillkit.engine.losses import masked_cross_entropy, masked_divergence
-from distillkit.engine.sampling import sample, settings_from
+from distillkit.engine.sampling import sample
 from distillkit.files import fingerprint
 from distillkit.registry import registry
 
@@ -106,7 +106,7 @@ class Run:
         if isinstance(model, DistributedDataParallel):  # no gradients here: skip DDP's bookkeeping
             model = model.module
         tokenizer = self.tokenizer
-        responses = sample(model, prompts, settings_from(self.config.recipe.generation), max_length=room,
+        responses = sample(model, prompts, self.config.recipe.generation, max_length=room,
                            eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
                            prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight,
@@ -129,7 +129,7 @@ class Run:
         so that prompt + response fits in ``data.max_length``."""
         generated = [dataclasses.replace(e.example, references=(text,)) for e, text in zip(examples, texts)]
         max_length = self.config.recipe.data.max_length
-        # training=False drops no example, so the results stay aligned with ``examples``
+        # "cut_left" drops no example, so the results stay aligned with ``examples``
         tokenized, _ = tokenize(generated, self.tokenizer, max_prompt_length=max_length - 1, max_length=max_length,
-                                training=False)
+                                long_prompts="cut_left")
         return [t.response_ids[: max_length - len(e.prompt_ids)] for t, e in zip(tokenized, examples)]

@@ -5,22 +5,79 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distillkit.api import (
+    Buffer,
     CappedEnding,
     DistillkitError,
     ExampleBatch,
+    Logits,
+    PlanContext,
+    SourceFootprint,
     StepContext,
     TrainBatch,
     collate,
     keyed_generator,
+    require,
 )
 from distillkit.engine.losses import masked_token_logprobs
 
+if TYPE_CHECKING:
+    from distillkit.config.assembly import RunConfig
+
 log = logging.getLogger(__name__)
+PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "temperature": 1.0}
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """``size`` rollouts per collection, served for ``epochs`` passes;
+    ``mix_weight`` alpha of the teacher in the sampling mixture."""
+
+    size: int = 256
+    epochs: int = 4
+    mix_weight: float = 0.2
+    keep_teacher_logits: bool = True
+    capped_ending: CappedEnding = "open"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "epochs"):
+            require(getattr(self, name) >= 1, name, "be >= 1", getattr(self, name))
+        require(0 <= self.mix_weight <= 1, "mix_weight", "be in [0, 1]", self.mix_weight)
+
+
+def check_rollouts(config: RunConfig, options: RolloutOptions) -> None:
+    """Whole optimizer steps per collection, and plain sampling: the
+    rollouts' log-probabilities are of the unfiltered distributions."""
+    batch_size = config.training.batch_size
+    require(options.size % batch_size == 0, "size", f"be a multiple of training.batch_size ({batch_size}), so "
+            "that no optimizer step spans two rollout collections", options.size)
+    generation = config.recipe.generation
+    filtered = [f"generation.{name} = {value!r}" for name, value in PLAIN_SAMPLING.items()
+                if getattr(generation, name) != value]
+    if filtered:
+        raise DistillkitError(f"teacher-mixed rollouts ({config.method}) need plain sampling: set "
+                              f"{', '.join(filtered)} (their log-probabilities are of the unfiltered distributions)")
+
+
+def rollout_footprint(plan: PlanContext, options: RolloutOptions) -> SourceFootprint:
+    """Each process collects its share of the rollouts, ``generation.batch_size``
+    at a time: both models sample (mixed), then one no-grad pass of each
+    scores the chunk (2 full and 3 gathered logits copies at its peak); with
+    ``keep_teacher_logits`` the teacher's response logits of the share stay
+    in CPU RAM, in the teacher's dtype."""
+    share = plan.share(options.size)
+    buffers = ()
+    if options.keep_teacher_logits and plan.teacher is not None:
+        teacher = plan.teacher
+        buffers = (Buffer("rollout buffer", share * plan.new_tokens * teacher.vocab * teacher.dtype_bytes,
+                          f"teacher logits of {share} rollouts x {plan.new_tokens} tokens x {teacher.vocab:,}"),)
+    return SourceFootprint(samples_from=("student", "teacher"),
+                           batch=min(plan.config.recipe.generation.batch_size, share),
+                           scoring=Logits(full=2, gathered=3), buffers=buffers)
 
 
 @dataclass
@@ -56,24 +113,17 @@ class TeacherMixedRollouts:
     responses as its ``lm`` batch.  ``capped_ending``: see
     :func:`distillkit.engine.sampling.sample` (the reference leaves capped rollouts
     open: microsoft/LMOps ``minillm/minillm/trainer.py`` ``generate``).
+    ``options``: :class:`RolloutOptions`, checked with the run by :func:`check_rollouts`.
     """
 
-    def __init__(self, run: StepContext, *, size: int = 256, epochs: int = 4, mix_weight: float = 0.2,
-                 keep_teacher_logits: bool = True, capped_ending: CappedEnding = "open") -> None:
-        batch_size = run.config.training.batch_size
-        if size <= 0 or size % batch_size:
-            raise DistillkitError(f"rollout size ({size}) must be a positive multiple of training.batch_size "
-                                  f"({batch_size}), so that no optimizer step spans two rollouts")
-        generation = run.config.recipe.generation
-        if generation.top_k > 0 or generation.top_p < 1.0 or generation.temperature != 1.0:
-            raise DistillkitError("teacher-mixed rollouts need plain sampling (generation.top_k = 0, top_p = 1.0, "
-                                  "temperature = 1.0): their log-probabilities are of the unfiltered distributions")
+    def __init__(self, run: StepContext, **options: Any) -> None:
         if run.teacher.sampling_inputs()[1] is not None:
             raise NotImplementedError("teacher-mixed rollouts mix in the plain teacher; an adapter that prepends "
                                       "a prompt would need the prompt in the mix-in model too")
-        self.run, self.size, self.epochs = run, size, epochs
-        self.mix_weight, self.keep_teacher_logits = mix_weight, keep_teacher_logits
-        self.capped_ending = capped_ending
+        opts = RolloutOptions(**options)
+        self.run, self.size, self.epochs = run, opts.size, opts.epochs
+        self.mix_weight, self.keep_teacher_logits = opts.mix_weight, opts.keep_teacher_logits
+        self.capped_ending = opts.capped_ending
         self.collections, self.passes, self.cursor = 0, 0, 0
         self.order: list[int] = []
         self.rollouts: list[dict[str, Any]] = []

@@ -1,0 +1,85 @@
+"""The training side of the run folder (its format and reader:
+:mod:`distillkit.config.run_folder`): whether a folder may take this run,
+and the best student's export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from distillkit.config import RunConfig
+from distillkit.config.run_folder import (
+    BEST_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    complete_checkpoints,
+    read_run_file,
+    run_settings,
+)
+from distillkit.engine.models import save_model
+from distillkit.errors import DistillkitError
+from distillkit.files import replace_dir, write_json_atomic
+
+# recipe and manifest keys that may change when a run is resumed: they change no update done so far
+RESUMABLE = ("training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
+             "training.log_every", "training.keep_checkpoints", "training.on_nonfinite", "training.progress_bar",
+             "training.final_checkpoint", "generation.batch_size")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys at which two JSON values differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new)):
+            found.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return found
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Path | None:
+    """Before any model is loaded: refuse a folder that holds a run unless
+    ``resume``, and a run made by another method or recipe (the keys of
+    :data:`RESUMABLE` may change; a key the schema gained since the run was
+    made compares as its default).  Returns the latest complete checkpoint."""
+    done = complete_checkpoints(output_dir)
+    leftovers = [p.name for p in (output_dir / RUN_FILE, output_dir / METRICS_FILE) if p.exists()]
+    if not resume and (done or leftovers):
+        held = f"checkpoint {done[-1].name}" if done else f"{', '.join(leftovers)} of a run without a checkpoint"
+        raise DistillkitError(f"{output_dir} already holds a run ({held}); pass --resume to continue it or choose "
+                              "another --output")
+    recorded = read_run_file(output_dir)
+    if recorded is not None:
+        differences = _differences(recorded.settings, run_settings(config))
+        changed = [key for key in differences
+                   if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)]
+        if changed:
+            old, new = differences[changed[0]]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise DistillkitError(
+                f"{output_dir} holds another run: {changed[0]} is {old!r} there, {new!r} now{more}; resume with "
+                f"its settings or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
+    return done[-1] if done else None
+
+
+def save_best(accelerator: Accelerator, student: torch.nn.Module, teacher: Any, tokenizer: Any, folder: Path,
+              record: dict[str, Any], *, sharded: bool) -> None:
+    """The student (full weights, gathered from every process when it is
+    sharded; call it in every process), the teacher adapter's own files
+    (if it saves any) and ``record`` (its step and validation metrics) as
+    ``best.json``, replacing ``folder`` atomically."""
+    # gathered (collectively) only when sharded: a copied state dict would store tied weights twice
+    state = accelerator.get_state_dict(student) if sharded else None
+    if not accelerator.is_main_process:
+        return
+
+    def write(scratch: Path) -> None:
+        save_model(accelerator.unwrap_model(student), tokenizer, scratch, state_dict=state)
+        save_adapter = getattr(teacher, "save", None)
+        if save_adapter is not None:
+            save_adapter(scratch / "teacher_adapter")
+        write_json_atomic(scratch / BEST_FILE, record, indent=2)
+
+    replace_dir(folder, write)
