@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,15 @@ def _key(example: InstructionExample) -> tuple:
                                             ("selfinst-raw", 252), ("vicuna-raw", 80), ("sni-raw", 300)])
 def test_real_set_sizes(name: str, rows: int):
     assert len(load_eval_set(name)) == rows
+
+
+def test_eval_set_prompts_follow_the_runs_data_prompt():
+    """A run trained on the rows' own prompts (data.prompt = "field") is scored on them too."""
+    templated, given = load_eval_set("dolly"), load_eval_set("dolly", "field")
+    assert len(given) == len(templated) == 500
+    assert all(e.prompt is None for e in templated) and all(e.prompt for e in given)
+    raw = [row["prompt"] for row, _ in read_rows(Path(os.environ[DATA_DIR_ENV]) / "databricks-dolly-15k/minillm/valid.jsonl")]
+    assert [e.prompt for e in given] == raw
 
 
 def test_raw_selfinst_holds_minillm_processed_rows():

@@ -132,7 +132,7 @@ def cached_teacher_samples(run: StepContext, **options: Any) -> PseudoTargetSour
     opts = TeacherCacheOptions(**options)
     prompts = [e.prompt_ids for e in run.train_examples]
     generation = run.config.recipe.generation
-    key = fingerprint(run.teacher_id, prompts, generation.__dict__, run.config.recipe.data.max_length, opts.seed,
+    key = fingerprint(run.teacher_id, prompts, generation.identity(), run.config.recipe.data.max_length, opts.seed,
                       "row-keyed")
     path = cache_root() / "teacher_generations" / f"{key}.json"
     if path.is_file():

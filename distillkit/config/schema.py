@@ -20,8 +20,28 @@ from distillkit.errors import DistillkitError, OptionError, did_you_mean, requir
 from distillkit.registry import registry
 
 
+def added_later(default: Any) -> Any:
+    """A dataclass field added after the first cached artefacts: left out of
+    :meth:`Section.identity` while it holds ``default``, so that caches keyed
+    before it existed are still found."""
+    return field(default=default, metadata={"added_later": True})
+
+
+class Section:
+    """A recipe section; :meth:`identity` is what cache keys use of it."""
+
+    def identity(self) -> dict[str, Any]:
+        """This section as a dict (:func:`to_dict`) without the fields made by
+        :func:`added_later` that hold their default."""
+        values = to_dict(self)
+        for item in dataclasses.fields(self):
+            if item.metadata.get("added_later") and values[item.name] == item.default:
+                del values[item.name]
+        return values
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Where a model comes from: a local path or hub id (``path``, optionally
     a ``gguf_file`` inside it), or a ``transformers`` config to build a
     randomly initialised model from (``config``, e.g. ``{model_type = "gpt2",
@@ -46,8 +66,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     init_seed: int = 0
     sft: dict[str, Any] | None = None
-    init_from: Literal["teacher", None] = None
-    num_layers: int | None = None
+    init_from: Literal["teacher", None] = added_later(None)
+    num_layers: int | None = added_later(None)
     placement: Literal["replicate", "shard", "offload"] = "replicate"
 
 
@@ -68,7 +88,7 @@ LongPrompts = Literal["drop", "cut_left"]
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Training data: a registered dataset name, a hub id or a local path.
     ``files`` maps split names to files when ``dataset`` is a folder.
 
@@ -85,8 +105,8 @@ class DataConfig:
     dataset: str = "dolly"
     format: str = "auto"
     files: dict[str, str] = field(default_factory=dict)
-    prompt: PromptSource = "template"
-    long_prompts: LongPrompts = "drop"
+    prompt: PromptSource = added_later("template")
+    long_prompts: LongPrompts = added_later("drop")
     max_prompt_length: int = 256
     max_length: int = 512
     train_limit: int = 0
@@ -100,7 +120,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Section):
     """Optimisation budget and bookkeeping of one run.  ``batch_size`` is the
     global batch (all processes together), a multiple of the number of
     processes x ``micro_batch_size`` (per process).
@@ -146,10 +166,10 @@ class TrainingConfig:
     log_every: int = 10
     on_nonfinite: Literal["stop", "skip"] = "stop"
     keep_checkpoints: int = 2
-    shuffle: bool = True
-    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = "adamw"
-    progress_bar: bool = True
-    final_checkpoint: bool = True
+    shuffle: bool = added_later(True)
+    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = added_later("adamw")
+    progress_bar: bool = added_later(True)
+    final_checkpoint: bool = added_later(True)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
@@ -169,7 +189,7 @@ class TrainingConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Section):
     """Sampling settings, the sampler's one settings type
     (:func:`distillkit.engine.sampling.sample`).  The paper's: top-k 0,
     top-p 1.0, temperature 1.0; ``temperature = 0`` is greedy decoding.
@@ -182,7 +202,7 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 0
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = added_later(0)
     batch_size: int = 32
 
     def __post_init__(self) -> None:

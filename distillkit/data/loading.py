@@ -157,17 +157,17 @@ def dataset_spec(name: str) -> DatasetSpec | None:
     return datasets[name] if name in datasets else None
 
 
-def load_eval_set(name_or_path: str) -> list[InstructionExample]:
+def load_eval_set(name_or_path: str, prompt: PromptSource = "template") -> list[InstructionExample]:
     """A registered dataset's test split, or every row of a local file, with
-    templated prompts; before the dataset's reference-length filter
-    (:func:`keep_long_references`)."""
+    the prompts ``prompt`` asks for (``data.prompt`` of the evaluated run);
+    before the dataset's reference-length filter (:func:`keep_long_references`)."""
     if Path(name_or_path).is_file():
-        return with_prompts(parse_rows(read_rows(Path(name_or_path)), "auto"), "template")
+        return with_prompts(parse_rows(read_rows(Path(name_or_path)), "auto"), prompt)
     names = registry().datasets.names()
     if name_or_path not in names and "/" not in name_or_path:  # neither a registered set, a file nor a hub id
         raise DistillkitError(f"unknown test set '{name_or_path}'{did_you_mean(name_or_path, names)}; registered: "
                               f"{', '.join(names)}; or pass a .jsonl/.json/.parquet file")
-    return load_split(DataConfig(dataset=name_or_path), "test")
+    return load_split(DataConfig(dataset=name_or_path, prompt=prompt), "test")
 
 
 def keep_long_references(examples: list[InstructionExample], tokenizer: Any,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillkit.config import Recipe, to_dict
+from distillkit.config import Recipe
 from distillkit.data.loading import load_split
 from distillkit.data.templates import format_prompt
 from distillkit.data.tokenization import tokenize
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 def data_identity(recipe: Recipe) -> dict[str, Any]:
     """The fields of ``[data]`` that change which training examples exist."""
-    data = to_dict(recipe.data)
+    data = recipe.data.identity()
     return {k: data[k] for k in ("dataset", "format", "files", "train_limit", "split_seed", "prompt", "long_prompts",
-                                 "max_prompt_length", "max_length")}
+                                 "max_prompt_length", "max_length") if k in data}
 
 
 def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:

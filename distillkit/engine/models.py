@@ -201,10 +201,7 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code
 def model_identity(spec: ModelConfig, teacher: ModelConfig | None = None) -> dict[str, Any]:
     """What determines the weights ``spec`` loads (without ``sft``), for cache
     keys; a student cut from the teacher includes the teacher's identity."""
-    identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "sft"}
-    for name in ("init_from", "num_layers"):  # newer fields: unset, they leave older cache keys unchanged
-        if identity[name] is None:
-            del identity[name]
+    identity = {k: v for k, v in spec.identity().items() if k != "sft"}
     if spec.init_from == "teacher" and teacher is not None:
         identity["teacher"] = {k: v for k, v in dataclasses.asdict(teacher).items() if k != "sft"}
     return identity

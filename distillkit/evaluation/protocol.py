@@ -24,6 +24,7 @@ from rouge_score import rouge_scorer
 from distillkit.api import TokenizedExample
 from distillkit.config import GenerationConfig, Recipe
 from distillkit.config.run_folder import BEST, recipe_of_model
+from distillkit.config.schema import PromptSource
 from distillkit.engine.sampling import sample
 from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.files import cache_root, files_fingerprint, fingerprint, write_json_atomic
@@ -200,9 +201,10 @@ def _cell(path: Path) -> dict[str, Any] | None:
     return cell if isinstance(cell, dict) and {"rougeL", "generated_tokens"} <= cell.keys() else None
 
 
-def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalSetup, *, seeds: list[int],
-                 limit: int, weights: str, notice: Callable[[str], None]) -> _SetRun:
-    """Load, filter, cut and tokenize a test set, and read its cached cells.
+def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalSetup, *, prompt: PromptSource,
+                 seeds: list[int], limit: int, weights: str, notice: Callable[[str], None]) -> _SetRun:
+    """Load, filter, cut and tokenize a test set (prompts as ``prompt``, the
+    run's ``data.prompt``, asks), and read its cached cells.
 
     The cache lives under ``cache_root()/eval/<weights>/`` rather than in the
     model folder: the key is a content hash of the model files, so a copied
@@ -214,7 +216,7 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
     from distillkit.data.tokenization import tokenize
 
-    rows = load_eval_set(name)
+    rows = load_eval_set(name, prompt)
     spec = dataset_spec(name)
     minimum = spec.min_reference_tokens if spec is not None else 0
     kept = keep_long_references(rows, tokenizer, minimum)
@@ -231,10 +233,17 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
                             max_length=setup.max_length, long_prompts="cut_left")
     content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
     folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
-    key = (name, content, dataclasses.asdict(setup), limit, next(model.parameters()).device.type)
+    key = (name, content, {**dataclasses.asdict(setup), "settings": sampling_identity(setup.settings)}, limit,
+           next(model.parameters()).device.type)
     files = {seed: folder / f"seed{seed}-{fingerprint(*key, seed)}.json" for seed in seeds}
     cells = {seed: cell for seed, path in files.items() if (cell := _cell(path)) is not None}
     return _SetRun(name, tokenized, files, cells, extra)
+
+
+def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
+    """The sampling settings in an eval cell's key: what decides the samples
+    (the prompts per sampler call are the setup's own ``batch_size``)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
 
 
 def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:
@@ -273,8 +282,8 @@ def evaluate_sets(
     runs = []
     for name in dict.fromkeys(sets):
         try:
-            runs.append(_prepare_set(name, model, tokenizer, setup, seeds=seeds, limit=limit, weights=weights,
-                                     notice=notice))
+            runs.append(_prepare_set(name, model, tokenizer, setup, prompt=recipe.data.prompt, seeds=seeds,
+                                     limit=limit, weights=weights, notice=notice))
         except DatasetUnavailable as missing:
             reports[name] = {"missing": missing.reason}
     todo = [(run, seed) for run in runs for seed in seeds if seed not in run.cells]

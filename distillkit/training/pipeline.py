@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from rich.console import Console
 
-from distillkit import __version__
+from distillkit import ARTEFACTS_VERSION
 from distillkit.config import (
     ModelConfig,
     Recipe,
@@ -81,8 +81,8 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
         return load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher), None
     training = build(TrainingConfig, {**to_dict(session.recipe.training), **spec.sft}, f"{role}.sft")
     spec_identity = model_identity(spec, session.recipe.teacher)
-    key = fingerprint(role, spec_identity, to_dict(training), session.tokenizer_id, data_identity(session.recipe),
-                      to_dict(session.recipe.generation), __version__)
+    key = fingerprint(role, spec_identity, training.identity(), session.tokenizer_id, data_identity(session.recipe),
+                      session.recipe.generation.identity(), ARTEFACTS_VERSION)
     folder = cache_root() / "models" / f"{session.recipe.name}-{role}-sft-{key}"
     best = folder / "best"
     state = PartialState(cpu=cpu_processes())
