@@ -52,6 +52,11 @@ def check_model_spec(spec: ModelConfig, role: str) -> None:
         raise DistillkitError(f"'{role}.gguf_file' needs '{role}.path', the folder (or package:NAME) that holds it")
 
 
+def _category(name: str) -> Any:
+    """The registry's category ``name`` (for options naming registered components)."""
+    return getattr(registry(), name)
+
+
 def _recipe_keys(method_name: str, passed: Callable[[Any], dict[str, Any]], options: Any) -> dict[str, str]:
     """The recipe key of each component option that the method's mapping
     ``passed`` sets from one of its options unchanged (MiniLLM's rollouts:
@@ -99,7 +104,8 @@ def component(config: RunConfig, role: ComponentRole) -> Component | None:
         return None
     factory = factories[name]
     keys = _recipe_keys(config.method, passed, config.options)
-    return Component(factory, build(factory.options, passed(config.options), f"methods.{config.method}", keys), keys)
+    options = build(factory.options, passed(config.options), f"methods.{config.method}", keys, registered=_category)
+    return Component(factory, options, keys)
 
 
 def _assemble(recipe: Recipe, method_name: str) -> tuple[RunConfig, list[Component]]:
@@ -109,7 +115,7 @@ def _assemble(recipe: Recipe, method_name: str) -> tuple[RunConfig, list[Compone
     student_init = section.pop("student_init", method.student_init)
     if student_init not in ("pretrained", "sft"):
         raise DistillkitError(f"'methods.{method_name}.student_init' must be 'pretrained' or 'sft', got {student_init!r}")
-    options = build(method.options, section, f"methods.{method_name}")
+    options = build(method.options, section, f"methods.{method_name}", registered=_category)
     training = build(TrainingConfig, merge(to_dict(recipe.training), training_overrides),
                      f"methods.{method_name}.training")
     config = RunConfig(recipe=recipe, method=method_name, options=options, training=training,

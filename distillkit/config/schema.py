@@ -12,12 +12,12 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from distillkit.api import Registered
 from distillkit.errors import DistillkitError, OptionError, did_you_mean, require
-from distillkit.registry import registry
 
 
 def added_later(default: Any) -> Any:
@@ -306,15 +306,23 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
 
 
-def _check_registered_names(options: Any, hints: dict[str, Any]) -> None:
+Lookup = Callable[[str], Any]
+"""A category of registered components by name (``"divergences"`` ->
+the registry's category, which has ``require(name, field)``)."""
+
+
+def _check_registered_names(options: Any, hints: dict[str, Any], lookup: Lookup | None) -> None:
     """Raise :class:`OptionError` for a field marked :class:`~distillkit.api.Registered`
-    (defaults included) whose value names no registered component."""
+    (defaults included) whose value names no component of its category in ``lookup``."""
     for name, annotation in hints.items():
         if typing.get_origin(annotation) is not Annotated:
             continue
         for marker in typing.get_args(annotation)[1:]:
             if isinstance(marker, Registered):
-                getattr(registry(), marker.category).require(getattr(options, name), name)
+                if lookup is None:
+                    raise TypeError(f"{type(options).__name__}.{name} names a registered component: build it "
+                                    "with registered=... (see distillkit.config.assembly)")
+                lookup(marker.category).require(getattr(options, name), name)
 
 
 def option_error(key: str, error: OptionError) -> DistillkitError:
@@ -322,11 +330,13 @@ def option_error(key: str, error: OptionError) -> DistillkitError:
     return DistillkitError(f"'{key}' {error.problem}; change it in the recipe or with --set {key}=...")
 
 
-def build(cls: type, data: dict[str, Any], where: str, keys: dict[str, str] | None = None) -> Any:
+def build(cls: type, data: dict[str, Any], where: str, keys: dict[str, str] | None = None,
+          registered: Lookup | None = None) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types
     raise :class:`DistillkitError` naming the key (``where.key``, or
     ``keys[key]`` for a field that another recipe key sets, such as a
-    source option set by a method option)."""
+    source option set by a method option).  Fields marked
+    :class:`~distillkit.api.Registered` are checked in ``registered``."""
     if not isinstance(data, dict):
         raise DistillkitError(f"'{where}' must be a table, got {data!r}")
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -348,7 +358,7 @@ def build(cls: type, data: dict[str, Any], where: str, keys: dict[str, str] | No
             raise DistillkitError(f"'{path}' must be {_describe(annotation)}, got {value!r}")
     try:
         built = cls(**kwargs)
-        _check_registered_names(built, hints)
+        _check_registered_names(built, hints, registered)
         return built
     except OptionError as err:  # the dataclass's own checks
         raise option_error(keys.get(err.field) or (f"{where}.{err.field}" if where else err.field), err) from None
