@@ -65,6 +65,11 @@ class StepContext(Protocol):
         """Registered divergence ``name`` between trainable and target logits
         (B, T-1, V), averaged over response tokens (nats per token)."""
 
+    def token_divergences(self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch, *,
+                          temperature: float = 1.0, **params: float) -> torch.Tensor:
+        """The same divergence at each response token, (N,) nats, in row-major
+        order of ``batch.label_mask`` (e.g. per-token weights or advantages)."""
+
     def schedule(self, name: str, **params: float) -> float:
         """Registered schedule ``name`` at the step being taken, k = step + 1 of K."""
 

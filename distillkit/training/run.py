@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distillkit.api import CappedEnding, ExampleBatch, TeacherAdapter, TokenizedExample, TrainBatch
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
-from distillkit.engine.losses import masked_cross_entropy, masked_divergence
+from distillkit.engine.losses import masked_cross_entropy, masked_divergence, masked_token_divergences
 from distillkit.engine.sampling import sample
 from distillkit.files import fingerprint
 from distillkit.registry import registry
@@ -85,6 +85,15 @@ class Run:
         logits (B, T-1, V), averaged over response tokens."""
         return masked_divergence(registry().divergences[name], trainable, target, batch.label_mask,
                                  temperature=temperature, **params)
+
+    def token_divergences(
+        self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch,
+        *, temperature: float = 1.0, **params: float,
+    ) -> torch.Tensor:
+        """Registered divergence ``name`` at each response token (N,), in nats,
+        in row-major order of ``batch.label_mask``; its mean is :meth:`divergence`."""
+        return masked_token_divergences(registry().divergences[name], trainable, target, batch.label_mask,
+                                        temperature=temperature, **params)
 
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
