@@ -87,6 +87,7 @@ def distillkit_register_methods() -> list[Method]:
         stages=(Stage("teacher_adapter", prompt_loss, student_mode="eval"), Stage("student", student_loss)),
         source="student", teacher_adapter="soft_prompt", options=PromptKDOptions, student_init="sft",
         source_options=lambda o: {"capped_ending": o.capped_ending},
-        teacher_adapter_options=lambda o: {"length": o.prompt_length, "init": o.prompt_init, "init_text": o.prompt_init_text,
-                                   "train_mode_for_grad": o.teacher_dropout_in_prompt_step},
+        teacher_adapter_options=lambda o: {"length": o.prompt_length, "init": o.prompt_init,
+                                           "init_text": o.prompt_init_text,
+                                           "train_mode_for_grad": o.teacher_dropout_in_prompt_step},
     )]

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+from distillkit.errors import DistillkitError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -100,6 +102,16 @@ class Method:
       registered components); the run exposes it as ``run.options``.
     - ``student_init``: ``"pretrained"`` starts from the recipe's student,
       ``"sft"`` from its supervised fine-tuned checkpoint (prepared and cached).
+    - ``schedules``: the schedules with state (:class:`Schedule`) its losses
+      evaluate; their states are checkpointed with the run.
+    - ``after_step(run, logs)``: called in every process after each optimizer
+      step (``run.step`` = k, 1..K), after the stateful schedules' updates and
+      before the step's logging, validation and checkpoint; ``logs``: the
+      step's logged values (the same in every process), to which it may add
+      entries that are then logged too; returns None.  State it keeps must
+      live in a checkpointed part (a stateful schedule, the teacher adapter's
+      ``checkpoint_modules()``, the source's ``state_dict()``).  A method
+      field rather than a hook, so that it runs only in the runs of its method.
 
     A stage's optimizer uses ``training.lr`` unless the options define
     ``<group>_lr`` (e.g. ``teacher_adapter_lr``) with a value that is not None.
@@ -114,6 +126,8 @@ class Method:
     source_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
     teacher_adapter_options: Callable[[Any], dict[str, Any]] = field(default=lambda opts: {})
     student_init: Literal["pretrained", "sft"] = "pretrained"
+    schedules: tuple[str, ...] = ()
+    after_step: Callable[[StepContext, dict[str, float]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,12 +154,40 @@ class Schedule:
 
     ``k`` is the optimizer step being taken, 1..K (the algorithm boxes'
     count), ``K`` the total; ``value(0, K)`` is the value before training.
+
+    A schedule with state (e.g. TAID's adaptive t) sets both ``initial_state``
+    and ``update``:
+
+    - ``initial_state(**params)``: its state before training, a dict of
+      numbers and tensors (checkpointed with the run as safetensors + JSON);
+    - ``value(k, K, state, **params)`` then also receives the current state;
+    - ``update(state, k, K, logs, **params) -> state``: called in every
+      process after each optimizer step k = 1..K, with ``logs`` the values
+      the step logged (the stage terms, e.g. ``"loss"``, averaged over the
+      global batch, so the same in every process; a multi-stage method's as
+      ``"GROUP/name"``), before the step's logging, validation and checkpoint.
+
+    The run keeps one state per schedule name, created at its first
+    evaluation; a method whose losses evaluate one declares it in
+    ``Method.schedules``.
     """
 
     name: str
     description: str
     value: Callable[..., float]
     params: dict[str, float] = field(default_factory=dict)
+    initial_state: Callable[..., dict[str, Any]] | None = None
+    update: Callable[..., dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.initial_state is None) != (self.update is None):
+            raise DistillkitError(f"schedule '{self.name}' sets only one of initial_state and update; "
+                                  "a schedule with state sets both")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the schedule keeps state across steps."""
+        return self.update is not None
 
 
 class PseudoTargetSource(Protocol):

@@ -71,7 +71,10 @@ class StepContext(Protocol):
         order of ``batch.label_mask`` (e.g. per-token weights or advantages)."""
 
     def schedule(self, name: str, **params: float) -> float:
-        """Registered schedule ``name`` at the step being taken, k = step + 1 of K."""
+        """Registered schedule ``name`` at the step being taken, k = step + 1 of K.
+        A schedule with state (declared in ``Method.schedules``) gives its
+        value from the state its ``update`` reached after step k - 1; the
+        run keeps that state, one per name (see :class:`~distillkit.api.Schedule`)."""
 
     def sample(self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
                key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None,

@@ -30,6 +30,12 @@ A run is then assembled by name (never by ``if method == ...``):
 
 The component types (``Method``, ``Divergence``, ...) are defined in
 :mod:`distillkit.api.components`; their docstrings give the exact contracts.
+
+Code that runs during training is not a hook but part of a component:
+losses (``Stage.loss``), a method's per-step callback (``Method.after_step``,
+called after each optimizer step) and stateful schedules' ``update``.  A hook
+would be called in every run for every installed plugin; a component's
+callback runs only in the runs that use it.
 """
 
 from __future__ import annotations
@@ -123,7 +129,10 @@ def distillkit_register_schedules() -> list[Schedule]:
 
     :return: :class:`~distillkit.api.Schedule` objects: ``value(k, K,
         **params) -> float`` for the optimizer step k = 1..K being taken.
-        Losses call them by name through ``run.schedule(name)``.
+        Losses call them by name through ``run.schedule(name)``.  A schedule
+        with state also gives ``initial_state(**params)`` and ``update(state,
+        k, K, logs, **params)``, which the trainer calls after each optimizer
+        step with the step's logged values; the run checkpoints the state.
     """
 
 

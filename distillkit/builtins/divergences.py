@@ -123,6 +123,83 @@ def total_variation(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> 
     return 0.5 * (target_logp.exp() - trainable_logp.exp()).abs().sum(-1)
 
 
+def _absent_as_zero(
+    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logp: torch.Tensor, logq: torch.Tensor
+) -> torch.Tensor:
+    """``term(logp, logq).sum(-1)`` (N, V) -> (N,), with the columns that are -inf on both sides dropped
+    (double where, as in :func:`_masked_kl`); the fast path when no term is non-finite."""
+    plain = term(logp, logq).sum(-1)
+    if bool(torch.isfinite(plain).all()):
+        return plain
+    absent = (logp == -math.inf) & (logq == -math.inf)
+    logp, logq = torch.where(absent, 0.0, logp), torch.where(absent, 0.0, logq)
+    return torch.where(absent, 0.0, term(logp, logq)).sum(-1)
+
+
+def _ab_one_zero(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D_AB^(alpha, 0)(p || q) = 1/alpha^2 sum_v [p^a log(p^a / q^a) - p^a + q^a] (N, V) -> (N,), alpha > 0:
+    the beta -> 0 limit of the general case (Cichocki, Cruces, Amari 2011, Entropy 13(1):134, its beta = 0 case)."""
+    scaled_p, scaled_q = alpha * logp, alpha * logq  # log p^alpha, log q^alpha (unnormalised)
+    return (_kl(scaled_p, scaled_q) - scaled_p.exp().sum(-1) + scaled_q.exp().sum(-1)) / alpha**2
+
+
+def alpha_beta(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.2,
+               beta: float = 0.7) -> torch.Tensor:
+    """The alpha-beta divergence D_AB^(alpha, beta)(P || Q) of ABKD (Wang et al. 2025, arXiv 2505.04560, §4),
+    (N, V) -> (N,), alpha, beta >= 0:
+
+        -1/(alpha beta) sum_v [P^alpha Q^beta - alpha/(alpha+beta) P^(alpha+beta) - beta/(alpha+beta) Q^(alpha+beta)]
+
+    as ghwang-s/abkd ``distillation_llm/distillm/losses.py`` ``ab_div`` (teacher P, student Q), computed in log
+    space (P^a Q^b = exp(a log P + b log Q): no 0 * inf at -inf columns).  The limits are explicit:
+    (1, 0) is ``forward_kl`` and (0, 1) ``reverse_kl`` exactly; beta = 0 and alpha = 0 otherwise are the
+    continuous limits 1/a^2 sum [p^a log(p^a/q^a) - p^a + q^a] (and P, Q swapped); (0, 0) is
+    1/2 sum (log P - log Q)^2.  Negative parameters (where Cichocki's family also extends) are refused.
+    A one-sided zero leaves alpha, beta > 0 finite; the beta = 0 (alpha = 0) limits are +inf where the KL
+    they generalise is, and (0, 0) at any one-sided zero.
+    """
+    if alpha < 0.0 or beta < 0.0:
+        raise ValueError(f"the alpha-beta divergence needs alpha, beta >= 0, got alpha={alpha}, beta={beta}")
+    if (alpha, beta) == (1.0, 0.0):
+        return forward_kl(trainable_logp, target_logp)
+    if (alpha, beta) == (0.0, 1.0):
+        return reverse_kl(trainable_logp, target_logp)
+    if alpha == 0.0 and beta == 0.0:
+        return _absent_as_zero(lambda lp, lq: 0.5 * (lp - lq).square(), target_logp, trainable_logp)
+    if beta == 0.0:
+        return _ab_one_zero(target_logp, trainable_logp, alpha)
+    if alpha == 0.0:  # D_AB^(0, beta)(P || Q) = D_AB^(beta, 0)(Q || P)
+        return _ab_one_zero(trainable_logp, target_logp, beta)
+    total = alpha + beta
+    mixed = (alpha * target_logp + beta * trainable_logp).exp()
+    own = (alpha / total) * (total * target_logp).exp() + (beta / total) * (total * trainable_logp).exp()
+    return (own - mixed).sum(-1) / (alpha * beta)  # -inf columns give exp(-inf) = 0, with zero gradient
+
+
+def adaptive_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+    """AKL (Wu et al., COLING 2025, arXiv 2404.02657): g_head / g * KL(P || Q) + g_tail / g * KL(Q || P),
+    (N, V) -> (N,).  The head is the teacher's top tokens while their cumulative probability is <= mu (the
+    top token always), the tail the rest; g_head, g_tail = sum of |P(v) - Q(v)| over each, g = g_head + g_tail.
+
+    As wutaiqiang/LLM_KD_AKL ``AKL.py`` ``get_ratio`` / ``AKL``: the weights are constants (student
+    probabilities detached; the teacher has no gradient), the first sorted token is always head.
+    Deviations: -inf columns have probability 0 (the reference sets -inf logits to 0 before its softmax),
+    and a row with g = 0 (P = Q, both KLs 0) weighs each by 1/2 instead of 0/0 = NaN.
+    """
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError(f"AKL needs 0 <= mu <= 1, got {mu}")
+    with torch.no_grad():
+        target_probs, order = target_logp.exp().sort(dim=-1, descending=True)
+        errors = (target_probs - trainable_logp.exp().gather(-1, order)).abs()
+        tail = target_probs.cumsum(-1) > mu
+        tail[:, 0] = False
+        head_gap, tail_gap = errors.masked_fill(tail, 0.0).sum(-1), errors.masked_fill(~tail, 0.0).sum(-1)
+        gap = head_gap + tail_gap
+        head_weight = torch.where(gap > 0, head_gap / gap, 0.5)
+        tail_weight = torch.where(gap > 0, tail_gap / gap, 0.5)
+    return head_weight * forward_kl(trainable_logp, target_logp) + tail_weight * reverse_kl(trainable_logp, target_logp)
+
+
 BUILTIN_DIVERGENCES = [
     Divergence("forward_kl", "KL(P||Q), target P, trainable Q (mode-covering)", forward_kl),
     Divergence("reverse_kl", "KL(Q||P), trainable Q, target P (mode-seeking)", reverse_kl),
@@ -130,6 +207,10 @@ BUILTIN_DIVERGENCES = [
     Divergence("skew_forward_kl", "KL(P || aP+(1-a)Q) (DistiLLM SKL)", skew_forward_kl, {"alpha": 0.1}),
     Divergence("skew_reverse_kl", "KL(Q || (1-a)P+aQ) (DistiLLM SRKL)", skew_reverse_kl, {"alpha": 0.1}),
     Divergence("tvd", "total variation distance 0.5*sum|P-Q|", total_variation),
+    Divergence("ab", "alpha-beta divergence (ABKD); (1,0) forward KL, (0,1) reverse KL", alpha_beta,
+               {"alpha": 0.2, "beta": 0.7}),
+    Divergence("akl", "AKL: forward/reverse KL weighted by the head/tail gap (teacher mass mu)", adaptive_kl,
+               {"mu": 0.5}),
 ]
 
 

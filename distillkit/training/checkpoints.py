@@ -8,7 +8,7 @@ does not checkpoint, as safetensors + JSON) and, written last, the trainer
 state that marks it complete (see :mod:`distillkit.config.run_folder`).
 
 Run state (nested state dicts of optimizers, soft prompts, LoRA weights,
-rollout buffers) is saved without pickle: :func:`save_state` splits a
+rollout buffers, stateful schedules) is saved without pickle: :func:`save_state` splits a
 nested structure of dicts, lists, tuples, scalars, strings and tensors into
 the tensors (one safetensors file, keys ``"0"``, ``"1"``, ...) and a JSON
 skeleton that names them; :func:`load_state`
@@ -98,16 +98,19 @@ def load_state(path: Path) -> Any:
         raise DistillkitError(f"run state {path}.{{json,safetensors}} is missing or damaged: {err}") from err
 
 
-def run_state_owners(optimizers: dict[str, Any], teacher: Any, source: Any) -> dict[str, Any]:
+def run_state_owners(optimizers: dict[str, Any], teacher: Any, source: Any, schedules: Any | None) -> dict[str, Any]:
     """What distillkit checkpoints itself, by run-state name: the
     ``optimizers`` (and schedulers) that accelerate does not, the teacher
-    adapter's ``checkpoint_modules()`` and a source with a ``state_dict``
-    (e.g. a rollout buffer)."""
+    adapter's ``checkpoint_modules()``, a source with a ``state_dict``
+    (e.g. a rollout buffer) and the states of the stateful schedules
+    (``schedules``; None for a method that declares none)."""
     owners = dict(optimizers)
     for index, module in enumerate(getattr(teacher, "checkpoint_modules", lambda: [])()):
         owners[f"teacher_adapter/{index}"] = module
     if hasattr(source, "state_dict"):
         owners["source"] = source
+    if schedules is not None:
+        owners["schedules"] = schedules
     return owners
 
 

@@ -11,13 +11,37 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from distillkit.api import CappedEnding, ExampleBatch, TeacherAdapter, TokenizedExample, TrainBatch
+from distillkit.api import CappedEnding, ExampleBatch, Schedule, TeacherAdapter, TokenizedExample, TrainBatch
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
 from distillkit.engine.losses import masked_cross_entropy, masked_divergence, masked_token_divergences
 from distillkit.engine.sampling import sample
+from distillkit.errors import DistillkitError
 from distillkit.files import fingerprint
 from distillkit.registry import registry
+
+
+@dataclass
+class ScheduleStates:
+    """The states of a run's stateful schedules, by schedule name: each entry
+    holds the ``params`` it was evaluated with and its ``state``; checkpointed
+    as run state (``state_dict`` / ``load_state_dict``)."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def entry(self, schedule: Schedule, params: dict[str, float]) -> dict[str, Any]:
+        """The entry of ``schedule``, created with its initial state at its first evaluation."""
+        entry = self.entries.setdefault(schedule.name, {"params": params, "state": schedule.initial_state(**params)})
+        if entry["params"] != params:
+            raise DistillkitError(f"schedule '{schedule.name}' keeps one state per run but was evaluated with "
+                                  f"{params} after {entry['params']}; evaluate it with the same parameters")
+        return entry
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.entries
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries = state
 
 
 @dataclass
@@ -34,7 +58,8 @@ class Run:
     share); ``keep_going`` is the sampler's cross-process "unfinished"
     reduction when a model is sharded (see :func:`distillkit.engine.sampling.sample`);
     ``global_sum`` sums a tensor over the processes (every process must call
-    it the same number of times, e.g. once per micro-batch).
+    it the same number of times, e.g. once per micro-batch);
+    ``schedule_states`` holds the stateful schedules' states.
     """
 
     config: RunConfig
@@ -50,6 +75,7 @@ class Run:
     num_processes: int = 1
     keep_going: Callable[[bool], bool] = bool
     global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
+    schedule_states: ScheduleStates = field(default_factory=ScheduleStates)
 
     @property
     def options(self) -> Any:
@@ -128,9 +154,25 @@ class Run:
         (``step + 1``), as the algorithm boxes count: PromptKD's
         c_k = 1 - k/K is 1 - 1/K at the first step and 0 at the last
         (gmkim-ai/PromptKD ``train_promptkd.py``: ``base_ratio = global_step /
-        total_iters`` with ``global_step`` starting at 1)."""
+        total_iters`` with ``global_step`` starting at 1).  A schedule with
+        state reads it from :attr:`schedule_states` (created here at its
+        first evaluation)."""
         schedule = registry().schedules[name]
-        return schedule.value(self.step + 1, self.total_steps, **{**schedule.params, **params})
+        params = {**schedule.params, **params}
+        if not schedule.stateful:
+            return schedule.value(self.step + 1, self.total_steps, **params)
+        if name not in registry().methods[self.config.method].schedules:
+            raise DistillkitError(f"method '{self.config.method}' evaluates the schedule '{name}', which keeps "
+                                  "state, without declaring it; add it to Method(..., schedules=(...))")
+        entry = self.schedule_states.entry(schedule, params)
+        return schedule.value(self.step + 1, self.total_steps, entry["state"], **params)
+
+    def update_schedules(self, logs: dict[str, float]) -> None:
+        """Advance every stateful schedule evaluated so far past step k =
+        ``step`` (just taken), from the step's logged values."""
+        for name, entry in self.schedule_states.entries.items():
+            update = registry().schedules[name].update
+            entry["state"] = update(entry["state"], self.step, self.total_steps, logs, **entry["params"])
 
     def tokenize_responses(self, examples: ExampleBatch, texts: list[str]) -> list[list[int]]:
         """``texts`` tokenized as the responses of ``examples``' prompts, the

@@ -9,7 +9,9 @@ that the step averages over all response tokens of the global batch,
 whatever the layout), clip and step that stage's optimizer and LR schedule
 (:mod:`~distillkit.training.optimizers`).  N processes therefore compute
 the same update as one.  A non-finite loss or gradient norm stops the run
-(or skips the update) before any parameter changes.  Every ``eval_every``
+(or skips the update) before any parameter changes.  After each step the
+stateful schedules advance and the method's ``after_step`` runs (every
+process, from the step's logged values).  Every ``eval_every``
 steps :mod:`~distillkit.training.validation` keeps the best student;
 every ``save_every`` steps a checkpoint is written
 (:mod:`~distillkit.training.checkpoints`), and ``resume`` continues from
@@ -131,7 +133,12 @@ class Trainer:
             self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_adapter_options(config.options))
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
         self.optimization = GroupOptimizers(self.accelerator, self.run, self.method)
-        self.state_owners = run_state_owners(self.optimization.state_owners(), self.run.teacher, self.source)
+        for name in self.method.schedules:
+            if name not in registry().schedules or not registry().schedules[name].stateful:
+                raise DistillkitError(f"method '{self.method.name}' declares '{name}' in Method.schedules, which is "
+                                      "not a registered schedule with state; declare only schedules with state")
+        self.state_owners = run_state_owners(self.optimization.state_owners(), self.run.teacher, self.source,
+                                             self.run.schedule_states if self.method.schedules else None)
         self.validation = Validation(self.run, validation_examples, self.accelerator)
         log.info("method %s, trainable parameters: %s", self.method.name, self.optimization.describe())
         self._resume_or_start(resume)
@@ -258,6 +265,9 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self.state.step += 1
                 self.run.step = step = self.state.step
+                self.run.update_schedules(logs)
+                if self.method.after_step is not None:
+                    self.method.after_step(self.run, logs)
                 self.state.elapsed_s += seconds
                 self.state.peak_memory_mb = max(self.state.peak_memory_mb, peak_memory_mb(self.accelerator.device))
                 logs["tokens_per_s"] = (self.state.tokens - tokens_before) / max(seconds, 1e-9)
