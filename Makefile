@@ -10,11 +10,12 @@ RUNS ?= runs/tiny
 
 .PHONY: setup setup-smollm2 demo test clean
 
-$(BIN)/distillkit: pyproject.toml
+$(BIN)/distillkit: pyproject.toml examples/distillkit-akl/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0   # the CPU wheel; keep it before the project
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e examples/distillkit-akl   # the example plugin package (AKL); after the project
 	touch $@
 
 setup: $(BIN)/distillkit

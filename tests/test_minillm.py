@@ -15,7 +15,7 @@ from distillkit.config import GenerationConfig
 from distillkit.engine.sampling import sample
 from distillkit.errors import DistillkitError
 from distillkit.plugins.minillm import MiniLLMOptions, advantages, minillm_loss, rewards
-from distillkit.plugins.minillm.rollouts import RolloutBatch
+from distillkit.plugins.minillm.rollouts import RolloutBatch, teacher_mix
 from distillkit.registry import registry
 
 from .conftest import instruction_examples, make_run, tiny_model
@@ -31,8 +31,8 @@ def test_mixed_sampling_endpoints_are_the_single_models(tokenizer):
     student, teacher = tiny_model(tokenizer, seed=1), tiny_model(tokenizer, seed=2, n_embd=48)
     prompts = [e.prompt_ids for e in instruction_examples(tokenizer)]
     plain_student = _sample(tokenizer, student, prompts, 5)
-    assert _sample(tokenizer, student, prompts, 5, mix_model=teacher, mix_weight=0.0) == plain_student
-    assert _sample(tokenizer, student, prompts, 5, mix_model=teacher, mix_weight=1.0) == _sample(
+    assert _sample(tokenizer, student, prompts, 5, guide_model=teacher, rule=teacher_mix(0.0)) == plain_student
+    assert _sample(tokenizer, student, prompts, 5, guide_model=teacher, rule=teacher_mix(1.0)) == _sample(
         tokenizer, teacher, prompts, 5)
     assert plain_student != _sample(tokenizer, teacher, prompts, 5)  # so the endpoints test something
 
@@ -44,7 +44,8 @@ def test_mixed_sampling_draws_from_the_probability_mixture(tokenizer):
     settings = GenerationConfig(max_new_tokens=1)
     generator = torch.Generator().manual_seed(3)
     drawn = sample(student, prompts, settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   vocab_size=len(tokenizer), generator=generator, mix_model=teacher, mix_weight=0.3)
+                   vocab_size=len(tokenizer), generator=generator, guide_model=teacher,
+                   rule=teacher_mix(0.3))
     with torch.no_grad():
         ids = torch.tensor([prompt])
         student.eval(), teacher.eval()

@@ -31,7 +31,7 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
 # (and at the test recipe's lr of 1e-2 Adam turns the estimate's noise into too large steps).
 FALLING_TERM = {"minillm": "single_step", "opd": "reverse_kl"}
 OVERRIDES = {"opd": ["methods.opd.training.lr=3e-3"]}
-END_TO_END = ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm", "abkd", "akl", "opd", "taid"]
+END_TO_END = ["sft", "kd", "seqkd", "gkd", "promptkd", "minillm", "abkd", "opd", "taid", "skd", "distillm2"]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

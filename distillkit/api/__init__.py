@@ -21,6 +21,7 @@ from distillkit.api.batch import (
     CappedEnding,
     ExampleBatch,
     InstructionExample,
+    PairedBatch,
     TokenizedExample,
     TrainBatch,
     collate,
@@ -45,7 +46,7 @@ from distillkit.api.components import (
     TeacherAdapter,
     TeacherAdapterFactory,
 )
-from distillkit.api.context import StepContext
+from distillkit.api.context import SamplerRule, StepContext
 from distillkit.api.footprints import (
     AdapterFootprint,
     Buffer,
@@ -63,7 +64,7 @@ __all__ = [
     "AdapterFootprint", "Buffer", "Logits", "ModelRole", "ModelSizes", "PlanContext", "SourceFootprint",
     "StageFootprint",
     "CappedEnding", "DataFormat", "DatasetSpec", "DistillkitError", "Divergence", "DivergenceName", "ExampleBatch",
-    "InstructionExample", "Method", "NoOptions", "OptionError", "ParameterGroup", "PseudoTargetSource", "Registered", "Schedule", "ScheduleName", "SourceFactory",
+    "InstructionExample", "Method", "NoOptions", "OptionError", "PairedBatch", "ParameterGroup", "PseudoTargetSource", "Registered", "SamplerRule", "Schedule", "ScheduleName", "SourceFactory",
     "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TrainBatch",
     "cache_root", "collate", "ended_with_eos", "fingerprint", "hookimpl", "keyed_generator", "left_pad", "require",
     "write_json_atomic",

@@ -77,6 +77,21 @@ class TrainBatch:
         return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, (torch.Tensor, TrainBatch))})
 
 
+@dataclass
+class PairedBatch(TrainBatch):
+    """Two aligned views of the same prompts: this batch ``[x ‖ y]`` and
+    ``paired``, ``[x ‖ y']``, row i of both from the same example (e.g. a
+    teacher and a student response of one prompt, as DistiLLM-2 contrasts).
+
+    A source returns it in place of a :class:`TrainBatch`; the trainer moves
+    ``paired`` with it and weights the micro-batch by this (primary) view's
+    response tokens; a loss reads ``batch.paired``.  Each view has its own
+    (B, T) shapes, B the same.
+    """
+
+    paired: TrainBatch
+
+
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TrainBatch:
     """Right-pad ``prompt + response`` sequences into a :class:`TrainBatch`.
 

@@ -9,6 +9,7 @@ batch's response tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -17,6 +18,22 @@ if TYPE_CHECKING:
     from distillkit.api.batch import CappedEnding, ExampleBatch, TokenizedExample, TrainBatch
     from distillkit.api.components import TeacherAdapter
     from distillkit.config import RunConfig
+
+
+class SamplerRule(Protocol):
+    """A per-token intervention in the shared sampler (``run.sample(...,
+    guide_model=..., rule=...)``): returns the tokens (B,) to keep, from the
+    sampling model's and the guide model's processed next-token scores
+    (B, V) (log-probabilities up to a constant; ``-inf`` where filtered) and
+    ``draw(scores, stream=0)``, which draws tokens (B,) from any scores (B, V)
+    with this token's noise (``stream`` s > 0: noise independent of stream 0).
+    The rule draws even the sampling model's proposal itself (``draw(scores)``),
+    so a rule that does not need one spends no noise on it.  Rows already
+    finished are overwritten with padding afterwards; both models are then fed
+    the returned tokens, so their KV caches hold the final sequence."""
+
+    def __call__(self, scores: torch.Tensor, guide_scores: torch.Tensor,
+                 draw: Callable[..., torch.Tensor]) -> torch.Tensor: ...
 
 
 class StepContext(Protocol):
@@ -77,11 +94,14 @@ class StepContext(Protocol):
         run keeps that state, one per name (see :class:`~distillkit.api.Schedule`)."""
 
     def sample(self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
-               key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None,
-               mix_weight: float = 0.0, capped_ending: CappedEnding = "open") -> list[list[int]]:
+               key: tuple[Any, ...] | None = None, guide_model: torch.nn.Module | None = None,
+               rule: SamplerRule | None = None, capped_ending: CappedEnding = "open") -> list[list[int]]:
         """One response (token ids, through the first EOS) per prompt, with the
         recipe's ``[generation]`` settings; randomness keyed by ``key``
-        (default: seed and step) and the prompt."""
+        (default: seed and step) and the prompt.  With ``guide_model`` (no
+        prefix) and ``rule`` (:class:`SamplerRule`), the rule chooses each token
+        from both models' distributions (e.g. MiniLLM's teacher mix-in, SKD's
+        top-K replacement)."""
 
     def global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the processes (every process must call it

@@ -29,46 +29,17 @@ from collections.abc import Callable
 import torch
 
 from distillkit.api import Divergence, hookimpl
-from distillkit.engine.losses import check_mixture_weight, log_mixture
-
-
-def _plain_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row (N, V) -> (N,), correct only without -inf (any -inf in logp gives NaN)."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def _masked_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row (N, V) -> (N,): terms with p(v) = 0 are 0, p(v) > 0 = q(v) gives +inf, NaN stays NaN.
-
-    Double where: the dropped terms' inputs are replaced too, since backward goes
-    through both branches and 0 * inf there would make the row's gradient NaN.
-    The same masking as PromptKD's get_distil_loss (gmkim-ai/PromptKD
-    train_promptkd.py masks ``teacher_probs * logprobs`` with ``torch.isinf(logits)``)
-    and MiniLLM's get_x_entropy / get_entropy (microsoft/LMOps
-    minillm/minillm/utils.py mask the inf entries); unlike them a zero q(v) under
-    p(v) > 0 gives +inf here instead of a finite value that drops the term.
-    """
-    absent = (logp == -math.inf) & ~logq.isnan()
-    logp, logq = torch.where(absent, 0.0, logp), torch.where(absent, 0.0, logq)
-    return torch.where(absent, 0.0, logp.exp() * (logp - logq)).sum(-1)
-
-
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities (N, V) -> (N,); see :func:`_masked_kl` for -inf and NaN."""
-    plain = _plain_kl(logp, logq)
-    if bool(torch.isfinite(plain).all()):  # no -inf or NaN anywhere in this chunk: the fast path
-        return plain
-    return _masked_kl(logp, logq)
+from distillkit.engine.losses import check_mixture_weight, kl_divergence, log_mixture, masked_kl, plain_kl
 
 
 def forward_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) (N, V) -> (N,): mode-covering; used by KD and SeqKD."""
-    return _kl(target_logp, trainable_logp)
+    return kl_divergence(target_logp, trainable_logp)
 
 
 def reverse_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """KL(Q || P) (N, V) -> (N,): mode-seeking; used by GKD (as in PromptKD), MiniLLM, PromptKD."""
-    return _kl(trainable_logp, target_logp)
+    return kl_divergence(trainable_logp, target_logp)
 
 
 def _kl_to_mixture(
@@ -87,11 +58,11 @@ def _kl_to_mixture(
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     if weight_p in (0.0, 1.0):  # M is P or Q itself: no logaddexp
-        return combine(_kl, logp if weight_p == 1.0 else logq)
-    plain = combine(_plain_kl, torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p)))
+        return combine(kl_divergence, logp if weight_p == 1.0 else logq)
+    plain = combine(plain_kl, torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p)))
     if bool(torch.isfinite(plain).all()):
         return plain
-    return combine(_masked_kl, log_mixture(logp, logq, weight_p))
+    return combine(masked_kl, log_mixture(logp, logq, weight_p))
 
 
 def generalized_jsd(trainable_logp: torch.Tensor, target_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
@@ -127,7 +98,7 @@ def _absent_as_zero(
     term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logp: torch.Tensor, logq: torch.Tensor
 ) -> torch.Tensor:
     """``term(logp, logq).sum(-1)`` (N, V) -> (N,), with the columns that are -inf on both sides dropped
-    (double where, as in :func:`_masked_kl`); the fast path when no term is non-finite."""
+    (double where, as in :func:`masked_kl`); the fast path when no term is non-finite."""
     plain = term(logp, logq).sum(-1)
     if bool(torch.isfinite(plain).all()):
         return plain
@@ -140,7 +111,7 @@ def _ab_one_zero(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.
     """D_AB^(alpha, 0)(p || q) = 1/alpha^2 sum_v [p^a log(p^a / q^a) - p^a + q^a] (N, V) -> (N,), alpha > 0:
     the beta -> 0 limit of the general case (Cichocki, Cruces, Amari 2011, Entropy 13(1):134, its beta = 0 case)."""
     scaled_p, scaled_q = alpha * logp, alpha * logq  # log p^alpha, log q^alpha (unnormalised)
-    return (_kl(scaled_p, scaled_q) - scaled_p.exp().sum(-1) + scaled_q.exp().sum(-1)) / alpha**2
+    return (kl_divergence(scaled_p, scaled_q) - scaled_p.exp().sum(-1) + scaled_q.exp().sum(-1)) / alpha**2
 
 
 def alpha_beta(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.2,
@@ -176,30 +147,6 @@ def alpha_beta(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: f
     return (own - mixed).sum(-1) / (alpha * beta)  # -inf columns give exp(-inf) = 0, with zero gradient
 
 
-def adaptive_kl(trainable_logp: torch.Tensor, target_logp: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
-    """AKL (Wu et al., COLING 2025, arXiv 2404.02657): g_head / g * KL(P || Q) + g_tail / g * KL(Q || P),
-    (N, V) -> (N,).  The head is the teacher's top tokens while their cumulative probability is <= mu (the
-    top token always), the tail the rest; g_head, g_tail = sum of |P(v) - Q(v)| over each, g = g_head + g_tail.
-
-    As wutaiqiang/LLM_KD_AKL ``AKL.py`` ``get_ratio`` / ``AKL``: the weights are constants (student
-    probabilities detached; the teacher has no gradient), the first sorted token is always head.
-    Deviations: -inf columns have probability 0 (the reference sets -inf logits to 0 before its softmax),
-    and a row with g = 0 (P = Q, both KLs 0) weighs each by 1/2 instead of 0/0 = NaN.
-    """
-    if not 0.0 <= mu <= 1.0:
-        raise ValueError(f"AKL needs 0 <= mu <= 1, got {mu}")
-    with torch.no_grad():
-        target_probs, order = target_logp.exp().sort(dim=-1, descending=True)
-        errors = (target_probs - trainable_logp.exp().gather(-1, order)).abs()
-        tail = target_probs.cumsum(-1) > mu
-        tail[:, 0] = False
-        head_gap, tail_gap = errors.masked_fill(tail, 0.0).sum(-1), errors.masked_fill(~tail, 0.0).sum(-1)
-        gap = head_gap + tail_gap
-        head_weight = torch.where(gap > 0, head_gap / gap, 0.5)
-        tail_weight = torch.where(gap > 0, tail_gap / gap, 0.5)
-    return head_weight * forward_kl(trainable_logp, target_logp) + tail_weight * reverse_kl(trainable_logp, target_logp)
-
-
 BUILTIN_DIVERGENCES = [
     Divergence("forward_kl", "KL(P||Q), target P, trainable Q (mode-covering)", forward_kl),
     Divergence("reverse_kl", "KL(Q||P), trainable Q, target P (mode-seeking)", reverse_kl),
@@ -209,8 +156,6 @@ BUILTIN_DIVERGENCES = [
     Divergence("tvd", "total variation distance 0.5*sum|P-Q|", total_variation),
     Divergence("ab", "alpha-beta divergence (ABKD); (1,0) forward KL, (0,1) reverse KL", alpha_beta,
                {"alpha": 0.2, "beta": 0.7}),
-    Divergence("akl", "AKL: forward/reverse KL weighted by the head/tail gap (teacher mass mu)", adaptive_kl,
-               {"mu": 0.5}),
 ]
 
 

@@ -20,6 +20,7 @@ import torch
 from distillkit.api import (
     CappedEnding,
     ExampleBatch,
+    PairedBatch,
     PlanContext,
     PseudoTargetSource,
     ScheduleName,
@@ -155,6 +156,22 @@ def cached_teacher_samples(run: StepContext, **options: Any) -> PseudoTargetSour
     return make_batch
 
 
+def teacher_student_pairs(run: StepContext, **options: Any) -> PseudoTargetSource:
+    """Per prompt, the cached teacher sample (:func:`cached_teacher_samples`,
+    ``options``: :class:`TeacherCacheOptions`, the same cache) and a fresh
+    student sample (:func:`student_samples`) as a :class:`PairedBatch`:
+    the teacher view first, the student view ``paired``."""
+    opts = TeacherCacheOptions(**options)
+    teacher = cached_teacher_samples(run, seed=opts.seed, targets=opts.targets, capped_ending=opts.capped_ending)
+    student = student_samples(run, capped_ending=opts.capped_ending)
+
+    def make_batch(examples: ExampleBatch) -> PairedBatch:
+        view = teacher(examples)
+        return PairedBatch(view.input_ids, view.attention_mask, view.response_mask, student(examples))
+
+    return make_batch
+
+
 def _generate_shared(run: StepContext, prompts: list[list[int]], batch_size: int, seed: int) -> list[list[int]]:
     """One teacher sample per prompt (keyed by ``seed``, so the result does
     not depend on the layout), each process generating its share; every
@@ -210,6 +227,14 @@ def cached_teacher_sampling(plan: PlanContext, options: Any) -> SourceFootprint:
     return SourceFootprint(samples_from=("teacher",), batch=plan.config.recipe.generation.batch_size)
 
 
+def teacher_student_sampling(plan: PlanContext, options: Any) -> SourceFootprint:
+    """The teacher samples once before training (``generation.batch_size``
+    prompts per call), the student every micro-batch: both declared at the
+    larger of the two batches (an upper bound)."""
+    return SourceFootprint(samples_from=("teacher", "student"),
+                           batch=max(plan.config.recipe.generation.batch_size, plan.micro_batch))
+
+
 @hookimpl
 def distillkit_register_sources() -> list[SourceFactory]:
     return [
@@ -220,6 +245,8 @@ def distillkit_register_sources() -> list[SourceFactory]:
                       options=SampledOptions, footprint=teacher_sampling),
         SourceFactory("teacher_cache", "one teacher sample per prompt, generated once and cached",
                       cached_teacher_samples, options=TeacherCacheOptions, footprint=cached_teacher_sampling),
+        SourceFactory("teacher_student", "per prompt, the cached teacher sample paired with a fresh student sample",
+                      teacher_student_pairs, options=TeacherCacheOptions, footprint=teacher_student_sampling),
         SourceFactory("mixture", "student samples with probability lambda, else dataset responses", mixture,
                       options=MixtureOptions, footprint=student_sampling),
     ]

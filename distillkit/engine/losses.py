@@ -43,6 +43,35 @@ def log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torc
     return torch.where(both, -math.inf, mixed)
 
 
+def plain_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row (N, V) -> (N,), correct only without -inf (any -inf in logp gives NaN)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def masked_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row (N, V) -> (N,): terms with p(v) = 0 are 0, p(v) > 0 = q(v) gives +inf, NaN stays NaN.
+
+    Double where: the dropped terms' inputs are replaced too, since backward goes
+    through both branches and 0 * inf there would make the row's gradient NaN.
+    The same masking as PromptKD's get_distil_loss (gmkim-ai/PromptKD
+    train_promptkd.py masks ``teacher_probs * logprobs`` with ``torch.isinf(logits)``)
+    and MiniLLM's get_x_entropy / get_entropy (microsoft/LMOps
+    minillm/minillm/utils.py mask the inf entries); unlike them a zero q(v) under
+    p(v) > 0 gives +inf here instead of a finite value that drops the term.
+    """
+    absent = (logp == -math.inf) & ~logq.isnan()
+    logp, logq = torch.where(absent, 0.0, logp), torch.where(absent, 0.0, logq)
+    return torch.where(absent, 0.0, logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities (N, V) -> (N,); see :func:`masked_kl` for -inf and NaN."""
+    plain = plain_kl(logp, logq)
+    if bool(torch.isfinite(plain).all()):  # no -inf or NaN anywhere in this chunk: the fast path
+        return plain
+    return masked_kl(logp, logq)
+
+
 def chunked_rows(
     per_row: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> torch.Tensor:

@@ -11,13 +11,18 @@ the vocabulary index): a row's sample then depends only on its key, prompt
 and model, never on its batch-mates, the batch size, the process it runs in
 or the device, which is what makes a multi-process run sample exactly what
 the single-process run does.
+
+A *rule* (:class:`~distillkit.api.SamplerRule`) intervenes at each token with
+a ``guide_model`` (e.g. the teacher): it sees both models' processed scores
+and chooses the tokens; both models are then fed the chosen tokens, so their
+KV caches hold the final sequence.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -31,6 +36,9 @@ from transformers.generation.logits_process import (
 from distillkit.api.batch import CappedEnding, ended_with_eos, left_pad
 from distillkit.config import GenerationConfig
 from distillkit.engine.prefix import prefix_embeddings, with_prefix_slots
+
+if TYPE_CHECKING:
+    from distillkit.api.context import SamplerRule
 
 
 def logits_processors(settings: GenerationConfig) -> LogitsProcessorList:
@@ -126,8 +134,8 @@ def sample(
     generator: torch.Generator | None = None,
     row_keys: list[int] | None = None,
     prefix_embeds: torch.Tensor | None = None,
-    mix_model: torch.nn.Module | None = None,
-    mix_weight: float = 0.0,
+    guide_model: torch.nn.Module | None = None,
+    rule: SamplerRule | None = None,
     keep_going: Callable[[bool], bool] = bool,
     max_length: int = 0,
     capped_ending: CappedEnding = "open",
@@ -141,9 +149,11 @@ def sample(
     alone), so a row's length limit does not depend on its batch-mates.  ``vocab_size`` (the tokenizer's
     size) masks padded rows of the output matrix.  ``prefix_embeds`` (m, d),
     e.g. a soft prompt, is prepended to every prompt as input embeddings
-    (positions 0..m-1, as in training).  With ``mix_model``, every token is
-    drawn from ``(1 - mix_weight) * p_model + mix_weight * p_mix`` (MiniLLM's
-    teacher-mixed sampling), each distribution after the same processors.
+    (positions 0..m-1, as in training).  With ``guide_model`` and ``rule``,
+    each token is ``rule(scores, guide_scores, draw)`` (B,) from both models'
+    next-token scores (B, V), each after the same processors, where
+    ``draw(scores, stream=0)`` draws from any scores with this token's noise
+    (stream s > 0: independent noise); without, it is ``draw(scores)``.
     ``row_keys`` (one int64 per prompt) replace ``generator`` with per-row
     noise (see the module docstring).  ``keep_going(unfinished)`` combines
     this process's "some row is unfinished" over the processes that share a
@@ -155,7 +165,9 @@ def sample(
     gmkim-ai/PromptKD ``train_promptkd.py`` ``finetune``), so that every
     sample teaches the model to stop.
     """
-    models = [m for m in (model, mix_model) if m is not None]
+    if (guide_model is None) != (rule is None):
+        raise ValueError("sample() takes guide_model and rule together")
+    models = [m for m in (model, guide_model) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -171,24 +183,29 @@ def sample(
     keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.int64, device=device)
     generated = input_ids
     out, attention_mask = _prefill(model, input_ids, prompt_mask, prefix_embeds)
-    if mix_model is not None:
-        mix_out, mix_mask = _prefill(mix_model, input_ids, prompt_mask, None)
+    if guide_model is not None:
+        guide_out, guide_mask = _prefill(guide_model, input_ids, prompt_mask, None)
     step = 0
+
+    def draw(scores: torch.Tensor, stream: int = 0) -> torch.Tensor:
+        """Tokens (B,) drawn from ``scores`` (B, V) with token ``step``'s noise of ``stream``."""
+        if settings.temperature == 0:
+            return scores.argmax(-1)
+        if keys is not None:
+            stream_keys = keys if stream == 0 else _splitmix64(keys + _signed(stream * 0xD1B54A32D192ED03))
+            return (scores + gumbel_noise(stream_keys, step, scores.shape[-1])).argmax(-1)
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
     while keep_going(not bool(finished.all())):
         if step > 0:  # feed the previous token (no forward pass whose logits nobody reads)
             out, attention_mask = _extend(model, generated[:, -1], attention_mask, out, ~finished)
-            if mix_model is not None:
-                mix_out, mix_mask = _extend(mix_model, generated[:, -1], mix_mask, mix_out, ~finished)
+            if guide_model is not None:
+                guide_out, guide_mask = _extend(guide_model, generated[:, -1], guide_mask, guide_out, ~finished)
         scores = processors(generated, out.logits[:, -1, :vocab_size].float())
-        if mix_model is not None:  # mix in probability space
-            mix_scores = processors(generated, mix_out.logits[:, -1, :vocab_size].float())
-            scores = torch.lerp(scores.softmax(-1), mix_scores.softmax(-1), mix_weight).log()
-        if settings.temperature == 0:
-            next_tokens = scores.argmax(-1)
-        elif keys is not None:
-            next_tokens = (scores + gumbel_noise(keys, step, scores.shape[-1])).argmax(-1)
+        if rule is None:
+            next_tokens = draw(scores)
         else:
-            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+            next_tokens = rule(scores, processors(generated, guide_out.logits[:, -1, :vocab_size].float()), draw)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
         step += 1

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from distillkit.api import CappedEnding, ExampleBatch, Schedule, TeacherAdapter, TokenizedExample, TrainBatch
+from distillkit.api import (
+    CappedEnding,
+    ExampleBatch,
+    SamplerRule,
+    Schedule,
+    TeacherAdapter,
+    TokenizedExample,
+    TrainBatch,
+)
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
 from distillkit.engine.losses import masked_cross_entropy, masked_divergence, masked_token_divergences
@@ -123,11 +131,11 @@ class Run:
 
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
-        key: tuple[Any, ...] | None = None, mix_model: torch.nn.Module | None = None, mix_weight: float = 0.0,
-        capped_ending: CappedEnding = "open",
+        key: tuple[Any, ...] | None = None, guide_model: torch.nn.Module | None = None,
+        rule: SamplerRule | None = None, capped_ending: CappedEnding = "open",
     ) -> list[list[int]]:
-        """Responses sampled from ``model`` (mixed with ``mix_model`` if given,
-        see :func:`distillkit.engine.sampling.sample`) with the recipe's
+        """Responses sampled from ``model`` (with ``guide_model`` and its
+        per-token ``rule`` if given, see :func:`distillkit.engine.sampling.sample`) with the recipe's
         ``[generation]`` settings, each capped so that its prompt + response
         fits in ``data.max_length`` minus the positions the teacher adapter
         prepends; ``capped_ending`` as in :func:`distillkit.engine.sampling.sample`.
@@ -144,7 +152,7 @@ class Run:
         responses = sample(model, prompts, self.config.recipe.generation, max_length=room,
                            eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
-                           prefix_embeds=prefix_embeds, mix_model=mix_model, mix_weight=mix_weight,
+                           prefix_embeds=prefix_embeds, guide_model=guide_model, rule=rule,
                            keep_going=self.keep_going, capped_ending=capped_ending)
         self.generated_tokens += sum(len(r) for r in responses)
         return responses

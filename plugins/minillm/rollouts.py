@@ -4,6 +4,7 @@ rollouts, reused for several PPO passes and checkpointed with the run."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from distillkit.api import (
     ExampleBatch,
     Logits,
     PlanContext,
+    SamplerRule,
     SourceFootprint,
     StepContext,
     TrainBatch,
@@ -47,6 +49,16 @@ class RolloutOptions:
         for name in ("size", "epochs"):
             require(getattr(self, name) >= 1, name, "be >= 1", getattr(self, name))
         require(0 <= self.mix_weight <= 1, "mix_weight", "be in [0, 1]", self.mix_weight)
+
+
+def teacher_mix(weight: float) -> SamplerRule:
+    """The sampler rule drawing each token from ``(1 - weight) q + weight p``
+    (student q, guide p), mixed in probability space, after the same processors."""
+
+    def rule(scores: torch.Tensor, guide_scores: torch.Tensor, draw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return draw(torch.lerp(scores.softmax(-1), guide_scores.softmax(-1), weight).log())
+
+    return rule
 
 
 def check_rollouts(config: RunConfig, options: RolloutOptions) -> None:
@@ -181,7 +193,7 @@ class TeacherMixedRollouts:
         log.info("collecting %d rollouts (teacher mix-in weight %g)", len(prompts), self.mix_weight)
         for start in range(0, len(prompts), run.config.recipe.generation.batch_size):
             chunk = prompts[start : start + run.config.recipe.generation.batch_size]
-            responses = run.sample(run.student, chunk, mix_model=teacher, mix_weight=self.mix_weight,
+            responses = run.sample(run.student, chunk, guide_model=teacher, rule=teacher_mix(self.mix_weight),
                                    capped_ending=self.capped_ending)
             batch = collate(chunk, responses, run.tokenizer.pad_token_id).to(next(teacher.parameters()).device)
             mask = batch.label_mask
