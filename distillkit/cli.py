@@ -194,7 +194,8 @@ def _seed_list(text: str) -> list[int]:
 @app.command()
 def bench(
     recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
-    methods: Annotated[str, typer.Option(help="comma-separated method names")] = "sft,kd,seqkd,gkd,minillm,promptkd",
+    methods: Annotated[str, typer.Option(help="comma-separated method names, or 'all' (every registered "
+                                              "method, plugins' included)")] = "all",
     data: Annotated[str, typer.Option(help="comma-separated test sets")] = "dolly,selfinst,vicuna,sni,unni",
     seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the recipe's]")] = None,
     output: Annotated[Path | None, typer.Option(help="bench folder [default: runs/bench/RECIPE]")] = None,
@@ -212,7 +213,10 @@ def bench(
     try:
         _at_least("--limit", limit, 0, " (0: all)")
         loaded = load_recipe(recipe, set_ or [])
-        config = BenchConfig(recipe, _names(methods), _names(data),
+        from distillkit.registry import registry
+
+        names = registry().methods.names() if methods == "all" else _names(methods)
+        config = BenchConfig(recipe, names, _names(data),
                              _seed_list(seeds) if seeds else list(loaded.eval.seeds),
                              output or Path("runs") / "bench" / loaded.name, limit, set_ or [])
         if dry_run:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from distillkit import bench
 from distillkit.bench import BenchConfig, Results, quality_markdown, quality_rows, run_bench
 from distillkit.cli import app
+from distillkit.registry import registry
 from distillkit.errors import DistillkitError
 
 
@@ -55,6 +56,13 @@ def test_dry_run_prints_the_plan_and_whether_it_fits(recipe_file):
     assert result.exit_code == 0, result.output
     for text in ("train sft", "train kd", "eval teacher", "memory estimate", "fits"):
         assert text in result.output
+
+
+def test_bench_compares_every_registered_method_by_default(recipe_file):
+    result = CliRunner().invoke(app, ["bench", "--recipe", str(recipe_file()), "--data", "dolly", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    trained = {line.split()[2] for line in result.output.splitlines() if line.split()[1:2] == ["train"]}
+    assert trained == set(registry().methods.names()) and len(trained) >= 12
 
 
 def test_bench_trains_evaluates_writes_tables_and_resumes(recipe_file, tmp_path, monkeypatch):
