@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from distillkit import bench
 from distillkit.bench import BenchConfig, Results, quality_markdown, quality_rows, run_bench
 from distillkit.cli import app
-from distillkit.registry import registry
 from distillkit.errors import DistillkitError
+from distillkit.registry import registry
 
 
 def _results(tmp_path) -> Results:
