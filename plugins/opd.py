@@ -93,4 +93,4 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(name="opd", description="on-policy KD: student samples, per-token advantage -(log q - log p)",
                    stages=(Stage("student", opd_loss, student_mode="eval"),), source="student",
                    teacher_adapter="frozen", options=OPDOptions, student_init="sft",
-                   source_options=lambda o: {"capped_ending": o.capped_ending})]
+                   source_options=lambda o: {"capped_ending": o.capped_ending, "plain_sampling": True})]

@@ -216,6 +216,10 @@ def _error(recipe_file, monkeypatch, method: str, *settings: str) -> str:
      "'methods.minillm.rollout_size' must be a multiple of training.batch_size (8), so that no optimizer step "
      "spans two rollout collections, got 12; change it in the recipe or with --set methods.minillm.rollout_size="),
     ("minillm", "generation.top_p=0.9", "teacher-mixed rollouts (minillm) need plain sampling"),
+    ("minillm", "generation.no_repeat_ngram_size=3", "set generation.no_repeat_ngram_size = 0"),
+    # opd: its on-policy estimate needs samples from the student's own distribution
+    ("opd", "generation.temperature=0.7", "opd needs plain sampling (its loss reads the samples' log-probabilities "
+     "under the unfiltered student): set generation.temperature = 1.0"),
     # the model specs a run uses
     ("kd", 'student.init_from="teacher"', "student: set exactly one of 'student.path' (a model), 'student.config'"),
     ("sft", "student.num_layers=1", "'student.num_layers' only applies with student.init_from"),
@@ -242,4 +246,5 @@ def test_checks_against_the_run_apply_to_the_method_being_run(recipe_file, monke
     source fits the rest of the recipe only when that method runs."""
     recipe = load_recipe(str(recipe_file()), ["generation.top_p=0.9", "methods.minillm.rollout_size=12"])
     assert resolve_run(recipe, "gkd").recipe.generation.top_p == 0.9  # GKD may sample with top-p
+    assert resolve_run(recipe, "promptkd").recipe.generation.top_p == 0.9  # so may PromptKD's student source
     assert "plain sampling" in _error(recipe_file, monkeypatch, "minillm", "generation.top_p=0.9")

@@ -13,12 +13,13 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from distillkit.api import (
     CappedEnding,
+    DistillkitError,
     ExampleBatch,
     PairedBatch,
     PlanContext,
@@ -38,14 +39,28 @@ from distillkit.api import (
     write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from distillkit.config.assembly import RunConfig
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SampledOptions:
-    """Options of a source that samples on the fly."""
+    """Options of a source that samples on the fly.  ``plain_sampling``: the
+    method's loss reads the samples' log-probabilities under the unfiltered
+    model (an on-policy estimate), so ``[generation]`` must not filter."""
 
     capped_ending: CappedEnding = "open"  # a sample cut at its length limit: see distillkit.engine.sampling.sample
+    plain_sampling: bool = False
+
+
+def check_sampled(config: RunConfig, options: SampledOptions) -> None:
+    """With ``plain_sampling``, the recipe samples from the model's own distribution."""
+    fixes = config.recipe.generation.plain_sampling_fixes() if options.plain_sampling else []
+    if fixes:
+        raise DistillkitError(f"{config.method} needs plain sampling (its loss reads the samples' log-probabilities "
+                              f"under the unfiltered student): set {', '.join(fixes)}")
 
 
 @dataclass(frozen=True)
@@ -240,9 +255,9 @@ def distillkit_register_sources() -> list[SourceFactory]:
     return [
         SourceFactory("dataset", "the dataset's reference responses", dataset_responses),
         SourceFactory("student", "fresh samples from the current student", student_samples, options=SampledOptions,
-                      footprint=student_sampling),
+                      check=check_sampled, footprint=student_sampling),
         SourceFactory("teacher", "samples from the (adapted) teacher, on the fly", teacher_samples,
-                      options=SampledOptions, footprint=teacher_sampling),
+                      options=SampledOptions, check=check_sampled, footprint=teacher_sampling),
         SourceFactory("teacher_cache", "one teacher sample per prompt, generated once and cached",
                       cached_teacher_samples, options=TeacherCacheOptions, footprint=cached_teacher_sampling),
         SourceFactory("teacher_student", "per prompt, the cached teacher sample paired with a fresh student sample",

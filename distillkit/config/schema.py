@@ -216,6 +216,13 @@ class GenerationConfig(Section):
                 self.no_repeat_ngram_size)
         require(self.batch_size >= 1, "batch_size", "be >= 1", self.batch_size)
 
+    def plain_sampling_fixes(self) -> list[str]:
+        """The settings to change so that samples follow the model's own
+        distribution (temperature 1, no top-k, top-p or n-gram filter), as
+        ``"generation.NAME = VALUE"``; empty when they already do."""
+        plain = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "no_repeat_ngram_size": 0}
+        return [f"generation.{name} = {value!r}" for name, value in plain.items() if getattr(self, name) != value]
+
     def with_overrides(self, *, max_new_tokens: int | None = None,
                        no_repeat_ngram_size: int | None = None) -> GenerationConfig:
         """These settings with ``max_new_tokens`` and ``no_repeat_ngram_size``

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from distillkit.config.assembly import RunConfig
 
 log = logging.getLogger(__name__)
-PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "temperature": 1.0}
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,7 @@ def check_rollouts(config: RunConfig, options: RolloutOptions) -> None:
     batch_size = config.training.batch_size
     require(options.size % batch_size == 0, "size", f"be a multiple of training.batch_size ({batch_size}), so "
             "that no optimizer step spans two rollout collections", options.size)
-    generation = config.recipe.generation
-    filtered = [f"generation.{name} = {value!r}" for name, value in PLAIN_SAMPLING.items()
-                if getattr(generation, name) != value]
+    filtered = config.recipe.generation.plain_sampling_fixes()
     if filtered:
         raise DistillkitError(f"teacher-mixed rollouts ({config.method}) need plain sampling: set "
                               f"{', '.join(filtered)} (their log-probabilities are of the unfiltered distributions)")
