@@ -2,7 +2,7 @@
 
     per token i of each response:  y_i ~ M_s(.|y_<i, x)                    (the student proposes)
         if y_i not in top_K(M_t(.|y_<i, x)):  y_i ~ M_t(.|y_<i, x)        (the teacher replaces it)
-    L = mean_i D(M_t || M_s)(y_i | y_<i, x)   on the response tokens of [x ‖ y]   (paper eq. 1, D = KL)
+    L = mean_i D(M_t || M_s)(y_i | y_<i, x)   on the response tokens of [x ‖ y]   (D = KL, as the reference)
 
 As in google-research/google-research ``speculative_kd/``: ``train/ddp_skd.py``
 ``main`` (``kd_type = "skd"``) samples with the teacher's ``generate``, the
