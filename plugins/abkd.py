@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from distillkit.api import Method, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.plugins.kd import lm_plus_divergence
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,8 @@ class ABKDOptions:
 
 def abkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: ABKDOptions = run.options
-    student = run.student_logits(batch)
-    teacher = run.teacher_logits(batch)
-    ce = run.cross_entropy(student, batch)
-    ab = run.divergence("ab", student, teacher, batch, temperature=opts.loss_temperature, alpha=opts.alpha,
-                        beta=opts.beta)
-    return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * ab, "ce": ce, "ab": ab}
+    return lm_plus_divergence(run, batch, "ab", opts.kd_ratio, temperature=opts.loss_temperature, logged_as="ab",
+                              alpha=opts.alpha, beta=opts.beta)
 
 
 @hookimpl

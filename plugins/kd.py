@@ -28,13 +28,21 @@ class KDOptions:
         require(self.loss_temperature > 0, "loss_temperature", "be > 0", self.loss_temperature)
 
 
-def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
-    opts: KDOptions = run.options
+def lm_plus_divergence(run: StepContext, batch: TrainBatch, divergence: str, kd_ratio: float, *, temperature: float,
+                       logged_as: str, **params: float) -> dict[str, torch.Tensor]:
+    """(1 - kd_ratio) * CE + kd_ratio * ``divergence`` to the teacher on the
+    batch's responses (nats per token); the divergence is logged as ``logged_as``."""
     student = run.student_logits(batch)
     teacher = run.teacher_logits(batch)
     ce = run.cross_entropy(student, batch)
-    kl = run.divergence(opts.divergence, student, teacher, batch, temperature=opts.loss_temperature)
-    return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * kl, "ce": ce, "kl": kl}
+    div = run.divergence(divergence, student, teacher, batch, temperature=temperature, **params)
+    return {"loss": (1 - kd_ratio) * ce + kd_ratio * div, "ce": ce, logged_as: div}
+
+
+def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    opts: KDOptions = run.options
+    return lm_plus_divergence(run, batch, opts.divergence, opts.kd_ratio, temperature=opts.loss_temperature,
+                              logged_as="kl")
 
 
 @hookimpl

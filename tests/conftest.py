@@ -3,9 +3,10 @@ tokenizer, tiny models built from config, and a tiny recipe file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,18 @@ def assert_same_tensors(first: Path, second: Path) -> None:
     a, b = load_file(first), load_file(second)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]
+
+
+@contextlib.contextmanager
+def plugins_installed(monkeypatch: pytest.MonkeyPatch, plugins: dict[str, object]) -> Iterator[None]:
+    """Within the context, the registry holds ``plugins`` (name -> plugin object)
+    next to the installed ones, as if a third-party package registered them."""
+    import distillkit.registry as registry_module
+
+    make = registry_module.make_plugin_manager
+    monkeypatch.setattr(registry_module, "make_plugin_manager", lambda extra=None: make(plugins))
+    registry_module.registry.cache_clear()
+    try:
+        yield
+    finally:
+        registry_module.registry.cache_clear()

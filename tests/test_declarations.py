@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytest
 from typer.testing import CliRunner
 
-import distillkit.registry as registry_module
 from distillkit import hookimpl
 from distillkit.api import (
     Buffer,
@@ -29,7 +28,7 @@ from distillkit.config import load_recipe, resolve_run
 from distillkit.engine.layout import Layout, layout_from_config
 from distillkit.planning import estimate, model_shape
 
-from .conftest import make_run
+from .conftest import make_run, plugins_installed
 from .test_faults import _one_line_error
 
 MiB = 2**20
@@ -106,11 +105,8 @@ class ThirdParty:
 @pytest.fixture
 def third_party(monkeypatch):
     """The registry with the ThirdParty plugin loaded next to the installed ones."""
-    make = registry_module.make_plugin_manager
-    monkeypatch.setattr(registry_module, "make_plugin_manager", lambda extra=None: make({"third-party": ThirdParty()}))
-    registry_module.registry.cache_clear()
-    yield
-    registry_module.registry.cache_clear()
+    with plugins_installed(monkeypatch, {"third-party": ThirdParty()}):
+        yield
 
 
 @pytest.fixture(autouse=True)

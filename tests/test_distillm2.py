@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import distillkit.builtins.sources as sources_module
-import distillkit.registry as registry_module
 from distillkit import hookimpl
 from distillkit.api import Method, PairedBatch, SourceFactory, Stage, collate
 from distillkit.builtins.divergences import reverse_kl, skew_reverse_kl
@@ -22,7 +21,7 @@ from distillkit.training.pipeline import train
 from distillkit.training.trainer import Trainer
 from plugins.distillm2 import DistiLLM2Options, beta, distillm2_loss, skew_reverse_kl_detached
 
-from .conftest import assert_same_tensors, train_killed_during_step
+from .conftest import assert_same_tensors, plugins_installed, train_killed_during_step
 from .test_faults import _one_line_error
 from .test_taid import _records
 
@@ -193,11 +192,8 @@ class PairsPlugin:
 
 @pytest.fixture
 def pairs_plugin(monkeypatch):
-    make = registry_module.make_plugin_manager
-    monkeypatch.setattr(registry_module, "make_plugin_manager", lambda extra=None: make({"pairs": PairsPlugin()}))
-    registry_module.registry.cache_clear()
-    yield
-    registry_module.registry.cache_clear()
+    with plugins_installed(monkeypatch, {"pairs": PairsPlugin()}):
+        yield
 
 
 def test_a_third_party_source_returning_two_views_trains(pairs_plugin, recipe_file, tmp_path):

@@ -12,7 +12,6 @@ import json
 import pytest
 import torch
 
-import distillkit.registry as registry_module
 from distillkit import hookimpl
 from distillkit.api import Method, Stage, TrainBatch, collate
 from distillkit.engine.losses import masked_token_divergences
@@ -20,7 +19,7 @@ from distillkit.plugins.opd import OPDOptions, discounted_future_sums, opd_loss
 from distillkit.registry import registry
 from distillkit.training.pipeline import train
 
-from .conftest import assert_same_tensors, instruction_examples, train_killed_during_step
+from .conftest import assert_same_tensors, instruction_examples, plugins_installed, train_killed_during_step
 from .test_declarations import _error
 from .test_fidelity import _assert_same_grads, _grads, _run, _stage_terms
 
@@ -215,13 +214,9 @@ class TokenDivergencePlugin:
 
 @pytest.fixture
 def token_plugin(monkeypatch):
-    make = registry_module.make_plugin_manager
-    monkeypatch.setattr(registry_module, "make_plugin_manager",
-                        lambda extra=None: make({"token-plugin": TokenDivergencePlugin()}))
-    registry_module.registry.cache_clear()
     SEEN.clear()
-    yield
-    registry_module.registry.cache_clear()
+    with plugins_installed(monkeypatch, {"token-plugin": TokenDivergencePlugin()}):
+        yield
 
 
 def test_a_third_party_stage_gets_token_divergences_whose_masked_mean_is_the_divergence(token_plugin, recipe_file,

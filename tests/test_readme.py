@@ -13,10 +13,9 @@ import types
 import pytest
 from typer.testing import CliRunner
 
-import distillkit.registry as registry_module
 from distillkit.cli import app
 
-from .conftest import REPO
+from .conftest import REPO, plugins_installed
 
 
 def _readme_example(monkeypatch) -> types.ModuleType:
@@ -31,11 +30,8 @@ def _readme_example(monkeypatch) -> types.ModuleType:
 
 @pytest.fixture
 def readme_plugin(monkeypatch):
-    make = registry_module.make_plugin_manager
-    monkeypatch.setattr(registry_module, "make_plugin_manager", lambda extra=None: make({"readme": _readme_example(monkeypatch)}))
-    registry_module.registry.cache_clear()
-    yield
-    registry_module.registry.cache_clear()
+    with plugins_installed(monkeypatch, {"readme": _readme_example(monkeypatch)}):
+        yield
 
 
 def test_the_readme_plugin_trains(readme_plugin, recipe_file, tmp_path):

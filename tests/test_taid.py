@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distillkit.registry as registry_module
 from distillkit import hookimpl
 from distillkit.api import Method, Schedule, Stage, StepContext, TrainBatch
 from distillkit.builtins.divergences import forward_kl
@@ -24,7 +23,7 @@ from distillkit.training.checkpoints import load_state
 from distillkit.training.pipeline import train
 from plugins.taid import TAIDOptions, cross_entropy, initial_state, taid_loss, update
 
-from .conftest import assert_same_tensors, train_killed_during_step
+from .conftest import assert_same_tensors, plugins_installed, train_killed_during_step
 from .test_faults import _one_line_error
 
 # --- a transcription of the reference (SakanaAI/TAID src/distil_losses/taid.py, fkl.py) --------------------------
@@ -180,12 +179,8 @@ class StatefulPlugin:
 
 @pytest.fixture
 def stateful_plugin(monkeypatch):
-    make = registry_module.make_plugin_manager
-    monkeypatch.setattr(registry_module, "make_plugin_manager",
-                        lambda extra=None: make({"stateful": StatefulPlugin()}))
-    registry_module.registry.cache_clear()
-    yield
-    registry_module.registry.cache_clear()
+    with plugins_installed(monkeypatch, {"stateful": StatefulPlugin()}):
+        yield
 
 
 def _records(run_dir: Path) -> list[dict]:
