@@ -3,11 +3,14 @@
 Every method trains from the same prepared starting checkpoints (the cached
 SFT teacher and SFT student) with the recipe's budget, each in its own
 process (``distillkit train --resume``, log in ``METHOD/train.log``), so its
-peak memory is its own.  Then the teacher and every student are evaluated on
-the test sets with the same seeds (cached per set and seed).  Output folder:
+peak memory is its own, and is then evaluated on the test sets with the
+same seeds as the teacher (cached per set and seed).  Output folder:
 
 - ``METHOD/``: the run folders; ``results.json``: every finished cell, so a
-  killed bench resumes and skips them;
+  killed bench resumes and skips them.  A method is trained and evaluated
+  before the next one starts, so its row survives a kill; copied into a
+  fresh output folder (another machine), ``results.json`` keeps the
+  finished rows and a method trained but not evaluated is trained again;
 - ``quality.{md,csv}`` (shaped like the paper's Table 1: mean ROUGE-L over
   seeds, best student per set in bold), ``cost.{md,csv}`` (like Table 3:
   training time, peak memory, tokens generated, trainable parameters),
@@ -265,7 +268,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
     config.validate()
     config.output.mkdir(parents=True, exist_ok=True)
     results = Results(config.output / "results.json")
-    cells = [f"train {m}" for m in config.methods] + [f"eval {m}" for m in ["teacher", *config.methods]]
+    cells = ["eval teacher", *(f"{step} {m}" for m in config.methods for step in ("train", "eval"))]
     view = LiveView(cells)
     failures = []
 
@@ -283,26 +286,35 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
             failures.append(f"{name}: {error}")
         results.save()
 
+    def evaluate(model: str, folder: Path | None) -> None:
+        todo = [s for s in config.sets if s not in results.data["eval"].get(model, {})]
+
+        def work() -> None:
+            if folder is None:  # evaluate_sets reports a folder without a model itself
+                raise DistillkitError(f"no trained {model} to evaluate")
+
+            def progress(n: int, total: int) -> None:
+                view.detail = f"eval {model}: {n}/{total} generations"
+
+            reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, progress=progress,
+                                    notice=lambda text: None)
+            results.data["eval"].setdefault(model, {}).update(reports)
+        cell(f"eval {model}", not todo, work)
+
     with Live(view, console=console, refresh_per_second=2):
-        for method in config.methods:
+        for method in config.methods:  # each method trained, then evaluated: a finished row survives a kill
+            evaluated = all(s in results.data["eval"].get(method, {}) for s in config.sets)
+            if not evaluated and not (config.output / method / "best").is_dir():
+                results.data["train"].pop(method, None)  # its run folder is gone (e.g. another machine): retrain
+
             def train(method: str = method) -> None:
                 results.data["train"][method] = train_method(config, method)
             cell(f"train {method}", method in results.data["train"], train)
-        models = {"teacher": teacher_dir(config), **{m: config.output / m for m in config.methods}}
-        for model, folder in models.items():
-            todo = [s for s in config.sets if s not in results.data["eval"].get(model, {})]
-
-            def evaluate(model: str = model, folder: Path | None = folder, todo: list[str] = todo) -> None:
-                if folder is None:  # evaluate_sets reports a folder without a model itself
-                    raise DistillkitError(f"no trained {model} to evaluate")
-
-                def progress(n: int, total: int) -> None:
-                    view.detail = f"eval {model}: {n}/{total} generations"
-
-                reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, progress=progress,
-                                        notice=lambda text: None)
-                results.data["eval"].setdefault(model, {}).update(reports)
-            cell(f"eval {model}", not todo, evaluate)
+            if view.status["eval teacher"] == "pending" and teacher_dir(config) is not None:
+                evaluate("teacher", teacher_dir(config))
+            evaluate(method, config.output / method)
+        if view.status["eval teacher"] == "pending":
+            evaluate("teacher", teacher_dir(config))
         view.detail = ""
     tables = write_tables(config, results)
     if failures:
