@@ -185,9 +185,11 @@ def machine_note(threads: int) -> str:
 
 @contextmanager
 def timed_calls(owner: object, attribute: str, bucket: list[float]):
-    """Temporarily shadow the method ``owner.attribute`` of an instance with a
-    wrapper that appends the seconds of each call to ``bucket``."""
+    """Temporarily shadow the method ``owner.attribute`` of an instance (or a
+    module's function) with a wrapper that appends the seconds of each call to
+    ``bucket``."""
     original = getattr(owner, attribute)
+    own = attribute in vars(owner)  # a module's function (or an instance's own attribute): put it back after
 
     def wrapper(*args, **kwargs):
         started = time.perf_counter()
@@ -200,7 +202,10 @@ def timed_calls(owner: object, attribute: str, bucket: list[float]):
     try:
         yield
     finally:
-        delattr(owner, attribute)
+        if own:
+            setattr(owner, attribute, original)
+        else:
+            delattr(owner, attribute)
 
 
 # --- distillkit trainers on the tiny recipe ------------------------------------------

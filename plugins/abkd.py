@@ -53,4 +53,4 @@ def abkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="abkd", description="ABKD: alpha-beta divergence to the teacher on dataset responses",
                    stages=(Stage("student", abkd_loss),), source="dataset", teacher_adapter="frozen",
-                   options=ABKDOptions, student_init="sft")]
+                   options=ABKDOptions, student_init="sft", reads_teacher_signal=True)]

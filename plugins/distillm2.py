@@ -46,7 +46,7 @@ from distillkit.api import (
     hookimpl,
     require,
 )
-from distillkit.engine.losses import log_mixture
+from distillkit.engine.losses import kl_divergence, log_mixture
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def skew_reverse_kl_detached(trainable_logp: torch.Tensor, target_logp: torch.Te
                              alpha: float = 0.1) -> torch.Tensor:
     """KL(q || (1 - alpha) p + alpha sg(q)) per row (N, V) -> (N,) nats (``get_batch_logps``'s ``ref_pos_kl``)."""
     log_mix = log_mixture(target_logp, trainable_logp.detach(), 1.0 - alpha)
-    return (trainable_logp.exp() * (trainable_logp - log_mix)).sum(-1)
+    return kl_divergence(trainable_logp, log_mix)
 
 
 SKEW_REVERSE_KL = Divergence("distillm2_skew_reverse_kl", "KL(Q || (1 - alpha) P + alpha sg(Q)): skew reverse KL "
@@ -82,7 +82,7 @@ SKEW_REVERSE_KL = Divergence("distillm2_skew_reverse_kl", "KL(Q || (1 - alpha) P
 def distillm2_loss(run: StepContext, batch: PairedBatch) -> dict[str, torch.Tensor]:
     opts: DistiLLM2Options = run.options
     weight = run.schedule("distillm2_beta", end=opts.beta_end, ramp=opts.ramp)
-    skl = run.divergence("skew_forward_kl", run.student_logits(batch), run.teacher_logits(batch), batch,
+    skl = run.divergence("skew_forward_kl", run.student_logits(batch), run.teacher_signal(batch), batch,
                          alpha=opts.alpha)
     student_view = batch.paired
     srkl = run.divergence(SKEW_REVERSE_KL.name, run.student_logits(student_view), run.teacher_logits(student_view),
@@ -111,4 +111,5 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(name="distillm2", description="DistiLLM-2: skew KL on cached teacher responses, skew reverse KL "
                    "on student responses of the same prompts", stages=(Stage("student", distillm2_loss,
                                                                              footprint=paired_view_footprint),),
-                   source="teacher_student", teacher_adapter="frozen", options=DistiLLM2Options, student_init="sft")]
+                   source="teacher_student", teacher_adapter="frozen", options=DistiLLM2Options, student_init="sft",
+                   reads_teacher_signal=True)]

@@ -33,7 +33,7 @@ def lm_plus_divergence(run: StepContext, batch: TrainBatch, divergence: str, kd_
     """(1 - kd_ratio) * CE + kd_ratio * ``divergence`` to the teacher on the
     batch's responses (nats per token); the divergence is logged as ``logged_as``."""
     student = run.student_logits(batch)
-    teacher = run.teacher_logits(batch)
+    teacher = run.teacher_signal(batch)  # logits, or the cached top-k signal ([teacher_signal] top_k)
     ce = run.cross_entropy(student, batch)
     div = run.divergence(divergence, student, teacher, batch, temperature=temperature, **params)
     return {"loss": (1 - kd_ratio) * ce + kd_ratio * div, "ce": ce, logged_as: div}
@@ -48,4 +48,5 @@ def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="kd", description="word-level KD: LM loss + forward KL to the teacher on dataset responses",
-                   stages=(Stage("student", kd_loss),), source="dataset", teacher_adapter="frozen", options=KDOptions)]
+                   stages=(Stage("student", kd_loss),), source="dataset", teacher_adapter="frozen", options=KDOptions,
+                   reads_teacher_signal=True)]

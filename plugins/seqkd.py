@@ -31,4 +31,5 @@ def distillkit_register_methods() -> list[Method]:
     return [Method(name="seqkd", description="KD on teacher-generated responses (generated once, cached)",
                    stages=(Stage("student", kd_loss),), source="teacher_cache", teacher_adapter="frozen",
                    options=SeqKDOptions,
-                   source_options=lambda o: {"seed": o.generation_seed, "targets": o.targets})]
+                   source_options=lambda o: {"seed": o.generation_seed, "targets": o.targets},
+                   reads_teacher_signal=True)]

@@ -4,6 +4,7 @@ train the same parameters as one process with the same global batch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,13 @@ deepspeed_config:
 
 
 def _train(recipe: Path, method: str, output: Path, *, processes: int, micro_batch_size: int = 0,
-           launch_config: Path = TWO_CPU_PROCESSES) -> None:
+           launch_config: Path = TWO_CPU_PROCESSES, extra: tuple[str, ...] = ()) -> None:
     """``distillkit train`` in a fresh interpreter, under ``accelerate launch`` for 2 processes
     (or a given ``launch_config``).  The global batch of 8 is split into other micro-batches in
     each layout (1 x [4, 4] vs 2 x [2, 2]), and samples fill up to ``data.max_length`` (each row's
     limit binds)."""
     micro_batch_size = micro_batch_size or 4 // processes
-    settings = [*NO_DROPOUT, f"training.micro_batch_size={micro_batch_size}", "generation.max_new_tokens=0"]
+    settings = [*NO_DROPOUT, f"training.micro_batch_size={micro_batch_size}", "generation.max_new_tokens=0", *extra]
     overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = ["-m", "distillkit", "train", "--method", method, "--recipe", str(recipe), "--output", str(output),
                "--max-steps", str(STEPS), *overrides]
@@ -90,6 +91,23 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
     assert len(validations[0]) == len(validations[1]) == 1
     for key in ("val/rougeL", "val/loss"):
         assert validations[0][0][key] == pytest.approx(validations[1][0][key], rel=1e-5)
+
+
+def test_two_processes_fill_the_top_k_cache_that_one_process_reads(recipe_file, tmp_path):
+    """The two processes each compute half of the teacher's top-k signal and the main one writes it; a
+    one-process run then finds every row and trains the same parameters (k = 20: no other test's cache)."""
+    recipe = recipe_file(steps=STEPS, eval_every=STEPS)
+    top_k = ("teacher_signal.top_k=20",)
+    _train(recipe, "kd", tmp_path / "two", processes=2, extra=top_k)
+    (manifest,) = [path for path in (Path(os.environ["DISTILLKIT_CACHE_DIR"]) / "teacher_signals").glob("*/manifest.json")
+                   if json.loads(path.read_text())["k"] == 20]
+    written = manifest.read_text()
+    _train(recipe, "kd", tmp_path / "one", processes=1, extra=top_k)
+    assert manifest.read_text() == written  # nothing left to compute
+    name = f"checkpoints/step-{STEPS:07d}/model.safetensors"
+    one, two = _weights(tmp_path / "one", name), _weights(tmp_path / "two", name)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-4, msg=key)
 
 
 @pytest.mark.parametrize("method", ["kd", "promptkd"])

@@ -238,6 +238,20 @@ def test_method_specific_rows():
     assert _rows(long)["activations"] == pytest.approx(micro * 512 * per_token[1] / 2**20)
 
 
+def test_a_cached_teacher_signal_adds_its_rows():
+    recipe = load_recipe("gpt2-xl_to_gpt2-base", ["teacher_signal.top_k=64"])
+    shapes = {"teacher": model_shape(recipe, "teacher"), "student": model_shape(recipe, "student")}
+    plan = estimate(recipe, "kd", CUDA_BF16, shapes=shapes)
+    positions = recipe.training.micro_batch_size * recipe.data.max_length
+    signal = next(row for row in plan.rows if row.name == "teacher signal")
+    assert signal.when == "fwd/bwd" and signal.device == pytest.approx(positions * (12 * 64 + 4) / 2**20)
+    assert "on disk 260 B per response token" in signal.note  # 64 x (2 B uint16 id + 2 B fp16) + 4 B fp32 tail
+    fill = next(row for row in plan.rows if row.when == "top-k fill")
+    assert fill.device == pytest.approx(3 * positions * shapes["teacher"].vocab * 4 / 2**20)
+    dense = estimate(load_recipe("gpt2-xl_to_gpt2-base"), "kd", CUDA_BF16, shapes=shapes)
+    assert "teacher signal" not in _rows(dense) and "top-k fill" not in dense.phases()
+
+
 def test_each_process_takes_its_share_of_the_batch():
     from distillkit.data.prepare import recipe_tokenizer
 

@@ -23,6 +23,7 @@ from distillkit.api.batch import (
     InstructionExample,
     PairedBatch,
     TokenizedExample,
+    TopKSignal,
     TrainBatch,
     collate,
     ended_with_eos,
@@ -65,7 +66,7 @@ __all__ = [
     "StageFootprint",
     "CappedEnding", "DataFormat", "DatasetSpec", "DistillkitError", "Divergence", "DivergenceName", "ExampleBatch",
     "InstructionExample", "Method", "NoOptions", "OptionError", "PairedBatch", "ParameterGroup", "PseudoTargetSource", "Registered", "SamplerRule", "Schedule", "ScheduleName", "SourceFactory",
-    "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TrainBatch",
+    "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TopKSignal", "TrainBatch",
     "cache_root", "collate", "ended_with_eos", "fingerprint", "hookimpl", "keyed_generator", "left_pad", "require",
     "write_json_atomic",
 ]

@@ -3,7 +3,7 @@ helpers that build batches from token ids."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -44,6 +44,37 @@ ExampleBatch = list[TokenizedExample]
 
 
 @dataclass
+class TopKSignal:
+    """A sparse teacher next-token distribution at each label position of a
+    batch: its ``k`` most likely tokens, and every other token lumped into
+    one tail bucket.
+
+    ``indices`` (B, T-1, k) int64 token ids, ``logprobs`` (B, T-1, k) their
+    log-probabilities and ``tail`` (B, T-1) the log of the remaining mass,
+    all at softmax temperature 1 (``exp(logprobs).sum(-1) + exp(tail)`` is 1
+    up to storage rounding; ``tail`` is -inf when k = V).  ``valid`` (B, T-1)
+    bool, if given, marks the positions the signal covers (a teacher with
+    another tokenizer has no distribution where no teacher token starts);
+    rows outside ``label_mask & valid`` hold anything.  A divergence to it
+    compares the two distributions on these k + 1 outcomes (see
+    :func:`distillkit.engine.losses.masked_token_divergences`).
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    def to(self, device: torch.device | str) -> TopKSignal:
+        return TopKSignal(*(t.to(device) if t is not None else None
+                            for t in (self.indices, self.logprobs, self.tail, self.valid)))
+
+
+@dataclass
 class TrainBatch:
     """A right-padded teacher-forcing batch ``[x ‖ y]``.
 
@@ -51,11 +82,16 @@ class TrainBatch:
     ``response_mask`` is true at response tokens (through the first EOS),
     false at prompt and padding positions.  ``labels``/``label_mask`` are the
     shifted views that logits at positions ``0..T-2`` predict.
+    ``teacher_signal``: the teacher's cached top-k signal at the label
+    positions, which the trainer attaches when the run reads one
+    (``[teacher_signal] top_k``); a loss reads it with
+    :meth:`~distillkit.api.StepContext.teacher_signal`.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
+    teacher_signal: TopKSignal | None = field(default=None, kw_only=True)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -74,7 +110,8 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         """This batch (of this class) with every tensor and nested batch on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, (torch.Tensor, TrainBatch))})
+        return replace(self, **{k: v.to(device) for k, v in moved.items()
+                                if isinstance(v, (torch.Tensor, TrainBatch, TopKSignal))})
 
 
 @dataclass

@@ -112,6 +112,11 @@ class Method:
       live in a checkpointed part (a stateful schedule, the teacher adapter's
       ``checkpoint_modules()``, the source's ``state_dict()``).  A method
       field rather than a hook, so that it runs only in the runs of its method.
+    - ``reads_teacher_signal``: its losses compare the student with the teacher
+      only through ``run.teacher_signal(batch)`` and a divergence at
+      temperature 1 (on the source's batches; other views may use
+      ``teacher_logits``), so ``[teacher_signal] top_k`` can stand a cached
+      top-k signal in for the teacher's logits.
 
     A stage's optimizer uses ``training.lr`` unless the options define
     ``<group>_lr`` (e.g. ``teacher_adapter_lr``) with a value that is not None.
@@ -128,6 +133,7 @@ class Method:
     student_init: Literal["pretrained", "sft"] = "pretrained"
     schedules: tuple[str, ...] = ()
     after_step: Callable[[StepContext, dict[str, float]], None] | None = None
+    reads_teacher_signal: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,12 @@ class SourceFactory:
       ``require``, naming the option) or :class:`~distillkit.api.DistillkitError`.
     - ``footprint(plan, options)``: what the source holds, for the memory
       planner (:class:`~distillkit.api.SourceFootprint`); None: nothing.
+    - ``fixed_view(run, **options)``: for a source whose batches (their
+      primary view, for a :class:`~distillkit.api.PairedBatch`) depend only
+      on the examples, not on the student, the step or the randomness:
+      builds a source of just those views, over which the teacher's top-k
+      signal is computed once (``[teacher_signal] top_k``); None: the
+      source makes its sequences during training.
     """
 
     name: str
@@ -248,6 +260,7 @@ class SourceFactory:
     options: type = NoOptions
     check: Callable[[RunConfig, Any], None] | None = None
     footprint: Callable[[PlanContext, Any], SourceFootprint] | None = None
+    fixed_view: Callable[..., PseudoTargetSource] | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from distillkit.api.batch import CappedEnding, ExampleBatch, TokenizedExample, TrainBatch
+    from distillkit.api.batch import CappedEnding, ExampleBatch, TokenizedExample, TopKSignal, TrainBatch
     from distillkit.api.components import TeacherAdapter
     from distillkit.config import RunConfig
 
@@ -74,15 +74,24 @@ class StepContext(Protocol):
         """Teacher next-token logits (B, T-1, V); no gradient unless ``grad``;
         ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
 
+    def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
+        """What the teacher says about the batch, for a divergence: its cached
+        top-k signal (:class:`~distillkit.api.TopKSignal`) when the run reads
+        one (``[teacher_signal] top_k``, for a method that declares
+        ``Method(sparse_teacher=True)``), else :meth:`teacher_logits`."""
+
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats per token)."""
 
-    def divergence(self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch, *,
-                   temperature: float = 1.0, **params: float) -> torch.Tensor:
-        """Registered divergence ``name`` between trainable and target logits
-        (B, T-1, V), averaged over response tokens (nats per token)."""
+    def divergence(self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
+                   *, temperature: float = 1.0, **params: float) -> torch.Tensor:
+        """Registered divergence ``name`` between trainable logits (B, T-1, V)
+        and a target, logits of that shape or a top-k signal (then on its
+        k + 1 outcomes, see :func:`~distillkit.engine.losses.masked_token_divergences`),
+        averaged over response tokens (nats per token)."""
 
-    def token_divergences(self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch, *,
+    def token_divergences(self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal,
+                          batch: TrainBatch, *,
                           temperature: float = 1.0, **params: float) -> torch.Tensor:
         """The same divergence at each response token, (N,) nats, in row-major
         order of ``batch.label_mask`` (e.g. per-token weights or advantages)."""

@@ -253,15 +253,18 @@ def teacher_student_sampling(plan: PlanContext, options: Any) -> SourceFootprint
 @hookimpl
 def distillkit_register_sources() -> list[SourceFactory]:
     return [
-        SourceFactory("dataset", "the dataset's reference responses", dataset_responses),
+        SourceFactory("dataset", "the dataset's reference responses", dataset_responses,
+                      fixed_view=dataset_responses),
         SourceFactory("student", "fresh samples from the current student", student_samples, options=SampledOptions,
                       check=check_sampled, footprint=student_sampling),
         SourceFactory("teacher", "samples from the (adapted) teacher, on the fly", teacher_samples,
                       options=SampledOptions, check=check_sampled, footprint=teacher_sampling),
         SourceFactory("teacher_cache", "one teacher sample per prompt, generated once and cached",
-                      cached_teacher_samples, options=TeacherCacheOptions, footprint=cached_teacher_sampling),
+                      cached_teacher_samples, options=TeacherCacheOptions, footprint=cached_teacher_sampling,
+                      fixed_view=cached_teacher_samples),
         SourceFactory("teacher_student", "per prompt, the cached teacher sample paired with a fresh student sample",
-                      teacher_student_pairs, options=TeacherCacheOptions, footprint=teacher_student_sampling),
+                      teacher_student_pairs, options=TeacherCacheOptions, footprint=teacher_student_sampling,
+                      fixed_view=cached_teacher_samples),
         SourceFactory("mixture", "student samples with probability lambda, else dataset responses", mixture,
                       options=MixtureOptions, footprint=student_sampling),
     ]

@@ -141,4 +141,21 @@ def resolve_run(recipe: Recipe, method_name: str) -> RunConfig:
         check_model_spec(recipe.teacher, "teacher")
     for part in parts:
         part.check(config)
+    check_teacher_signal(config)
     return config
+
+
+def check_teacher_signal(config: RunConfig) -> None:
+    """A cached top-k teacher signal needs a method that reads the teacher
+    through ``run.teacher_signal`` and a source whose sequences are fixed
+    (a method without a teacher has nothing to replace)."""
+    method = registry().methods[config.method]
+    if config.recipe.teacher_signal.top_k == 0 or method.teacher_adapter is None:
+        return
+    off = "or set teacher_signal.top_k = 0 (the online teacher)"
+    if not method.reads_teacher_signal:
+        raise DistillkitError(f"method '{method.name}' reads the teacher's dense logits (it does not declare "
+                              f"reads_teacher_signal), so it cannot use a top-k teacher signal; {off}")
+    if registry().sources[method.source].fixed_view is None:
+        raise DistillkitError(f"method '{method.name}' trains on sequences its source '{method.source}' makes during "
+                              f"training, so no teacher signal can be computed ahead; {off}")

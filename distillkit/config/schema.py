@@ -263,6 +263,23 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherSignalConfig(Section):
+    """What a method that reads the teacher through
+    :meth:`~distillkit.api.StepContext.teacher_signal` gets: the online
+    teacher's logits (``top_k = 0``), or its ``top_k`` most likely tokens plus
+    one tail bucket, computed once over the source's sequences before
+    training (with a progress bar, resumable) and cached, keyed by teacher,
+    sequences and k, so another student or method reuses it.  Needs a method
+    that declares ``reads_teacher_signal`` and a source whose sequences are
+    fixed before training."""
+
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.top_k >= 0, "top_k", "be >= 0 (0: the online teacher)", self.top_k)
+
+
+@dataclass
 class Recipe:
     """A whole recipe file."""
 
@@ -275,6 +292,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher_signal: TeacherSignalConfig = field(default_factory=TeacherSignalConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

@@ -1,1 +1,1 @@
-"""The engine: models, the sampler, masked loss math and the device layout."""
+"""The engine: models, the sampler, masked loss math, the device layout and the top-k teacher-signal store."""

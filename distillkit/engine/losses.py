@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from distillkit.api.batch import TopKSignal
+
 if TYPE_CHECKING:
     from distillkit.api.components import Divergence
 
@@ -90,10 +92,19 @@ def chunked_rows(
     return torch.cat([checkpoint(per_row, *chunk, use_reentrant=False) for chunk in chunks])
 
 
+def log_rest(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log of the mass of every token but ``indices`` (N, k), per row of
+    log-probabilities (N, V) -> (N, 1); -inf (with zero gradient) where
+    ``indices`` cover every token with mass."""
+    rest = logp.scatter(-1, indices, -math.inf)
+    empty = (rest == -math.inf).all(-1, keepdim=True)  # logsumexp's backward is NaN on an all -inf row
+    return torch.where(empty, -math.inf, torch.logsumexp(torch.where(empty, 0.0, rest), -1, keepdim=True))
+
+
 def masked_token_divergences(
     divergence: Divergence,
     trainable_logits: torch.Tensor,
-    target_logits: torch.Tensor,
+    target: torch.Tensor | TopKSignal,
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -101,40 +112,79 @@ def masked_token_divergences(
     **params: float,
 ) -> torch.Tensor:
     """Divergence (N,) fp32, in nats, at each masked position, in row-major
-    order of ``mask`` (B, T); ``trainable_logits`` and ``target_logits``:
-    (B, T, V) in any float dtype."""
-    if trainable_logits.shape != target_logits.shape:
-        raise ValueError(
-            f"trainable and target logits differ in shape: {tuple(trainable_logits.shape)} vs "
-            f"{tuple(target_logits.shape)}"
-        )
+    order of ``mask`` (B, T); ``trainable_logits``: (B, T, V) and ``target``:
+    logits of the same shape, in any float dtype, or a sparse
+    :class:`~distillkit.api.TopKSignal` (B, T, k).
+
+    With a sparse target both sides are coarsened to k + 1 outcomes, the
+    target's k tokens and one tail bucket (the trainable side's tail is the
+    exact mass of its other V - k tokens), and the divergence is taken
+    between those two distributions.  That is the dense value when k = V; for
+    an f-divergence (KL, JSD, the skew KLs, TVD) it is never larger (data
+    processing), and for forward KL the gap is exactly
+    ``P(tail) * KL(P | tail || Q | tail)``.  A sparse target is stored at
+    temperature 1, so it needs ``temperature = 1``; at masked positions it
+    does not cover (``valid`` false) the value is 0."""
     unknown = set(params) - set(divergence.params)
     if unknown:
         raise ValueError(f"divergence '{divergence.name}' has no parameter(s) {sorted(unknown)}")
     kwargs = {**divergence.params, **params}
     mask = mask.bool()
+    if isinstance(target, TopKSignal):
+        return _sparse_token_divergences(divergence, trainable_logits, target, mask, temperature, chunk_size, kwargs)
+    if trainable_logits.shape != target.shape:
+        raise ValueError(
+            f"trainable and target logits differ in shape: {tuple(trainable_logits.shape)} vs {tuple(target.shape)}")
 
-    def per_row(trainable: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_row(trainable: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
         trainable_logp = torch.log_softmax(trainable.float() / temperature, dim=-1)
-        target_logp = torch.log_softmax(target.float() / temperature, dim=-1)
+        target_logp = torch.log_softmax(target_rows.float() / temperature, dim=-1)
         return divergence.per_token(trainable_logp, target_logp, **kwargs)
 
-    return chunked_rows(per_row, trainable_logits[mask], target_logits[mask], chunk_size=chunk_size)
+    return chunked_rows(per_row, trainable_logits[mask], target[mask], chunk_size=chunk_size)
+
+
+def _sparse_token_divergences(divergence: Divergence, trainable_logits: torch.Tensor, target: TopKSignal,
+                              mask: torch.Tensor, temperature: float, chunk_size: int,
+                              kwargs: dict[str, float]) -> torch.Tensor:
+    """:func:`masked_token_divergences` to a sparse target (N,)."""
+    if temperature != 1.0:
+        raise ValueError(f"a top-k teacher signal holds temperature-1 probabilities, so it cannot be compared at "
+                         f"temperature {temperature:g}; use temperature 1 or the dense teacher ([teacher_signal] "
+                         "top_k = 0)")
+    if target.indices.shape[:-1] != trainable_logits.shape[:-1]:
+        raise ValueError(f"the top-k signal covers positions {tuple(target.indices.shape[:-1])}, the trainable "
+                         f"logits {tuple(trainable_logits.shape[:-1])}")
+
+    def per_row(trainable: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                tail: torch.Tensor) -> torch.Tensor:
+        trainable_logp = torch.log_softmax(trainable.float(), dim=-1)
+        coarse_trainable = torch.cat([trainable_logp.gather(-1, indices), log_rest(trainable_logp, indices)], -1)
+        # renormalised: the stored values are rounded
+        coarse_target = torch.log_softmax(torch.cat([logprobs.float(), tail.float()[:, None]], -1), dim=-1)
+        return divergence.per_token(coarse_trainable, coarse_target, **kwargs)
+
+    values = chunked_rows(per_row, trainable_logits[mask], target.indices[mask], target.logprobs[mask],
+                          target.tail[mask], chunk_size=chunk_size)
+    return values if target.valid is None else torch.where(target.valid[mask], values, 0.0)
 
 
 def masked_divergence(
-    divergence: Divergence, trainable_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+    divergence: Divergence, trainable_logits: torch.Tensor, target: torch.Tensor | TopKSignal, mask: torch.Tensor,
     **options: float,
 ) -> torch.Tensor:
     """Mean divergence over the masked positions.
 
-    ``trainable_logits`` and ``target_logits``: (B, T, V) in any float dtype;
-    ``mask``: (B, T), true at the response positions to score; ``options``:
-    those of :func:`masked_token_divergences`.  Returns a scalar fp32 tensor
-    (nats per response token); 0 when the mask is empty.
+    ``trainable_logits``: (B, T, V) in any float dtype; ``target``: logits
+    of the same shape or a :class:`~distillkit.api.TopKSignal`; ``mask``:
+    (B, T), true at the response positions to score; ``options``: those of
+    :func:`masked_token_divergences`.  Returns a scalar fp32 tensor (nats per
+    response token, over the positions a sparse target covers); 0 when the
+    mask is empty.
     """
-    total = masked_token_divergences(divergence, trainable_logits, target_logits, mask, **options).sum()
-    return total / mask.sum().clamp(min=1)
+    total = masked_token_divergences(divergence, trainable_logits, target, mask, **options).sum()
+    covered = mask.bool() if not isinstance(target, TopKSignal) or target.valid is None else mask.bool() & target.valid
+    return total / covered.sum().clamp(min=1)
 
 
 def masked_token_logprobs(

@@ -87,6 +87,15 @@ and stages (``Stage.footprint``); a component without one adds none.
   samples (MiniLLM's rollouts: 2 full and 3 gathered copies).
 - optimizer step: on CUDA the foreach AdamW makes one temporary of the
   student's (local) parameters, in fp32 for DeepSpeed's master copy.
+- cached top-k teacher signal (``[teacher_signal] top_k`` = k, for a method
+  that declares ``reads_teacher_signal``): each micro-batch's signal in a
+  stage, (12 k + 4) B per position (int64 ids, fp32 values and tail); the
+  stage's logits rows stay those of a stage with a teacher, an upper bound
+  (the signal replaces the teacher's logits of the source's view).  Before
+  training the cache is filled: the teacher's logits of a micro-batch with
+  no gradients, 1 full and 2 gathered copies (log-softmax, the tail's
+  masked copy).  On disk the cache holds k (index + 2) + 4 B per response
+  token (index: 1, 2 or 4 B by vocabulary size).
 
 The peak is the rows held throughout (weights, AdamW, adapter, buffers) plus
 the largest phase: sampling, a stage's forward/backward (with its gradients),
@@ -108,7 +117,7 @@ from distillkit.planning.shapes import ActivationFamily, ModelShape, meta_model,
 from distillkit.registry import registry
 
 MiB = 2**20
-FORWARD_BACKWARD, OPTIMIZER_STEP, SAMPLING = "fwd/bwd", "optimizer step", "sampling"
+FORWARD_BACKWARD, OPTIMIZER_STEP, SAMPLING, TOP_K_FILL = "fwd/bwd", "optimizer step", "sampling", "top-k fill"
 LAYER_CONSTANT = 32  # bytes per token and layer: normalisation statistics, attention log-sum-exp
 
 # family -> (trained, frozen) -> precision -> (c_h, c_kv, c_f, c_b): see the module docstring
@@ -363,7 +372,21 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
                         "foreach AdamW, parameter-size"))
     rows.extend(_sampling_rows(source, recipe.data.max_length, student, 2 if autocast else student.dtype_bytes,
                                teacher, adapter.extra_positions, vocab, sequence, new_tokens))
+    if method.reads_teacher_signal and teacher is not None and recipe.teacher_signal.top_k:
+        rows.extend(_teacher_signal_rows(recipe.teacher_signal.top_k, micro, sequence, response, vocab))
     return plan
+
+
+def _teacher_signal_rows(k: int, micro: int, sequence: int, response: int, vocab: int) -> list[Row]:
+    """The cached top-k signal of a micro-batch in a stage, and the fill's teacher logits."""
+    from distillkit.engine.topk_cache import index_dtype
+
+    positions = micro * sequence
+    stored = k * (index_dtype(vocab).itemsize + 2) + 4
+    return [Row("teacher signal", FORWARD_BACKWARD, positions * (12 * k + 4) / MiB, 0.0,
+                f"top-{k}: {positions:,} positions x (12 x {k} + 4) B; on disk {stored} B per response token"),
+            Row("logits", TOP_K_FILL, (positions + 2 * response) * vocab * 4 / MiB, 0.0,
+                f"teacher, no gradients: (1 x {positions:,} + 2 x {response:,}) rows x {vocab:,} x 4 B")]
 
 
 def _sampling_rows(source: SourceFootprint, max_length: int, student: ModelShape, student_bytes: int,

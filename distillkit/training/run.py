@@ -18,6 +18,7 @@ from distillkit.api import (
     Schedule,
     TeacherAdapter,
     TokenizedExample,
+    TopKSignal,
     TrainBatch,
 )
 from distillkit.config import RunConfig
@@ -107,21 +108,26 @@ class Run:
             raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
         return self.teacher.logits(batch, grad=grad, adapted=adapted)[..., : self.vocab_size]
 
+    def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
+        """The batch's cached top-k teacher signal if the trainer attached one,
+        else the (adapted) teacher's logits (B, T-1, V)."""
+        return batch.teacher_signal if batch.teacher_signal is not None else self.teacher_logits(batch)
+
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats/token)."""
         return masked_cross_entropy(logits, batch.labels, batch.label_mask)
 
     def divergence(
-        self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch,
+        self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
         *, temperature: float = 1.0, **params: float,
     ) -> torch.Tensor:
-        """Registered divergence ``name`` between the trainable and the target
-        logits (B, T-1, V), averaged over response tokens."""
+        """Registered divergence ``name`` between the trainable logits and the
+        target (logits (B, T-1, V) or a top-k signal), averaged over response tokens."""
         return masked_divergence(registry().divergences[name], trainable, target, batch.label_mask,
                                  temperature=temperature, **params)
 
     def token_divergences(
-        self, name: str, trainable: torch.Tensor, target: torch.Tensor, batch: TrainBatch,
+        self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
         *, temperature: float = 1.0, **params: float,
     ) -> torch.Tensor:
         """Registered divergence ``name`` at each response token (N,), in nats,

@@ -61,6 +61,7 @@ from distillkit.training.checkpoints import load_latest_checkpoint, run_state_ow
 from distillkit.training.optimizers import GroupOptimizers
 from distillkit.training.outputs import check_run_folder, save_best
 from distillkit.training.run import Run
+from distillkit.training.teacher_signals import prepare_teacher_signals
 from distillkit.training.validation import Validation, is_improvement
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class Trainer:
             adapter = registry().teacher_adapters[self.method.teacher_adapter]
             self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_adapter_options(config.options))
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
+        with self._progress() as progress:
+            self.signals = prepare_teacher_signals(self.run, self.accelerator, progress)
         self.optimization = GroupOptimizers(self.accelerator, self.run, self.method)
         for name in self.method.schedules:
             if name not in registry().schedules or not registry().schedules[name].stateful:
@@ -165,8 +168,10 @@ class Trainer:
 
     def micro_batches(self, examples: list[TokenizedExample]) -> list[TrainBatch]:
         """The method's source's batches of ``examples``, ``micro_batch_size`` each, on the device."""
-        return [self.source(chunk).to(self.accelerator.device)
-                for chunk in micro_chunks(examples, self.training.micro_batch_size)]
+        batches = [self.source(chunk) for chunk in micro_chunks(examples, self.training.micro_batch_size)]
+        if self.signals is not None:
+            batches = [self.signals.attach(batch) for batch in batches]
+        return [batch.to(self.accelerator.device) for batch in batches]
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step of every stage; returns logged values (averages
@@ -254,10 +259,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_run_file(self.output_dir, self.config, total_steps=total,
                            trainable_parameters=self.optimization.trainable_counts())
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-        shown = self.accelerator.is_main_process and self.training.progress_bar
-        with Progress(*columns, console=self.console, disable=not shown) as progress:
+        with self._progress() as progress:
             task = progress.add_task(f"{self.method.name}", total=total, completed=self.state.step, status="")
             while self.state.step < total:
                 started, tokens_before = time.perf_counter(), self.state.tokens
@@ -284,6 +286,13 @@ class Trainer:
                 if (step % save_every == 0 and step < total) or (step == total and self.training.final_checkpoint):
                     self.save_checkpoint()
         return self.output_dir / BEST
+
+    def _progress(self) -> Progress:
+        """A progress bar on the main process (unless ``training.progress_bar`` is off)."""
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+        shown = self.accelerator.is_main_process and self.training.progress_bar
+        return Progress(*columns, console=self.console, disable=not shown)
 
     def _validate(self, progress: Progress) -> None:
         """Validation metrics; an improvement becomes the best student."""

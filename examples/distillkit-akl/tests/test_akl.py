@@ -130,7 +130,7 @@ class StepContextStub:
     def student_logits(self, batch: TrainBatch) -> torch.Tensor:
         return self._student
 
-    def teacher_logits(self, batch: TrainBatch) -> torch.Tensor:
+    def teacher_signal(self, batch: TrainBatch) -> torch.Tensor:
         return self._teacher
 
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:

@@ -74,7 +74,7 @@ def akl_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     """(1 - kd_ratio) * CE + kd_ratio * AKL, each in nats per response token."""
     opts: AKLOptions = run.options
     student = run.student_logits(batch)
-    teacher = run.teacher_logits(batch)
+    teacher = run.teacher_signal(batch)  # logits, or a cached top-k signal ([teacher_signal] top_k)
     ce = run.cross_entropy(student, batch)
     akl = run.divergence("akl", student, teacher, batch, temperature=opts.loss_temperature, mu=opts.mu)
     return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * akl, "ce": ce, "akl": akl}
@@ -93,4 +93,4 @@ def distillkit_register_divergences() -> list[Divergence]:
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="akl", description="AKL: LM loss + head/tail-weighted forward and reverse KL on dataset "
                    "responses", stages=(Stage("student", akl_loss),), source="dataset", teacher_adapter="frozen",
-                   options=AKLOptions)]
+                   options=AKLOptions, reads_teacher_signal=True)]
