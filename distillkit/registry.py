@@ -25,6 +25,7 @@ from distillkit.api.components import (
     Schedule,
     SourceFactory,
     TeacherAdapterFactory,
+    VocabularyAlignment,
 )
 from distillkit.errors import DistillkitError, OptionError, did_you_mean
 
@@ -128,6 +129,7 @@ class Registry:
         )
         self.divergences: Category[Divergence] = Category("divergence", Divergence)
         self.schedules: Category[Schedule] = Category("schedule", Schedule)
+        self.alignments: Category[VocabularyAlignment] = Category("vocabulary alignment", VocabularyAlignment)
         self.data_formats: Category[DataFormat] = Category("data format", DataFormat)
         self.datasets: Category[DatasetSpec] = Category("dataset", DatasetSpec)
         self.recipe_dirs: list[Path] = []
@@ -140,6 +142,7 @@ class Registry:
             "distillkit_register_teacher_adapters": self.teacher_adapters,
             "distillkit_register_divergences": self.divergences,
             "distillkit_register_schedules": self.schedules,
+            "distillkit_register_alignments": self.alignments,
             "distillkit_register_data_formats": self.data_formats,
             "distillkit_register_datasets": self.datasets,
         }

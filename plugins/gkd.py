@@ -15,6 +15,10 @@ temperature, i.e. 1.0).  TRL flips its coin in ``training_step``, i.e.
 per micro-batch; distillkit's ``mixture`` source once per optimizer step
 (keyed by the step, the same in every micro-batch and process), so one step
 never mixes both kinds of targets.
+
+The teacher is read through ``run.teacher_signal``, so a teacher with another
+tokenizer works through ``[teacher_signal] alignment`` (at loss temperature 1);
+a cached top-k signal does not, as the mixture's sequences are not fixed.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ class GKDOptions:
 def gkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: GKDOptions = run.options
     student = run.student_logits(batch)
-    jsd = run.divergence("jsd", student, run.teacher_logits(batch), batch, temperature=opts.loss_temperature,
-                         beta=opts.beta)
+    teacher = run.teacher_signal(batch)  # logits, or a top-k signal (a teacher with its own tokenizer: temperature 1)
+    jsd = run.divergence("jsd", student, teacher, batch, temperature=opts.loss_temperature, beta=opts.beta)
     return {"loss": jsd, "jsd": jsd}
 
 
@@ -56,4 +60,5 @@ def distillkit_register_methods() -> list[Method]:
                    stages=(Stage("student", gkd_loss, student_mode=lambda o: "train" if o.student_dropout else "eval"),), source="mixture",
                    teacher_adapter="frozen", options=GKDOptions, student_init="sft",
                    source_options=lambda o: {"fraction": o.on_policy_fraction, "schedule": o.on_policy_schedule,
-                                             "capped_ending": o.capped_ending})]
+                                             "capped_ending": o.capped_ending},
+                   reads_teacher_signal=True)]

@@ -24,7 +24,8 @@ UNIT_LAYER = {"distillkit": "foundation", "errors": "foundation", "files": "foun
               "bench": "tools", "__main__": "tools"}
 PLUGIN_UNITS = {"plugins", "builtins"}
 # what plugins and built-in components may import: the plugin API and the shared math
-PLUGIN_ALLOWED = ("distillkit", "distillkit.api", "distillkit.engine.losses", "distillkit.engine.prefix")
+PLUGIN_ALLOWED = ("distillkit", "distillkit.api", "distillkit.engine.losses", "distillkit.engine.prefix",
+                  "distillkit.engine.alignment")
 
 
 def _module_files() -> dict[str, Path]:

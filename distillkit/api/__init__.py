@@ -3,7 +3,7 @@
 - the hook specifications (:mod:`distillkit.api.hookspecs`) and ``hookimpl``;
 - the component contracts a plugin registers (:class:`Method`,
   :class:`Stage`, :class:`SourceFactory`, :class:`TeacherAdapterFactory`,
-  :class:`Divergence`, :class:`Schedule`, :class:`DataFormat`,
+  :class:`Divergence`, :class:`Schedule`, :class:`VocabularyAlignment`, :class:`DataFormat`,
   :class:`DatasetSpec`), each declaring its options and their checks;
 - the step context a loss receives (:class:`StepContext`);
 - the memory footprints components declare for the planner
@@ -46,6 +46,8 @@ from distillkit.api.components import (
     StudentMode,
     TeacherAdapter,
     TeacherAdapterFactory,
+    VocabularyAligner,
+    VocabularyAlignment,
 )
 from distillkit.api.context import SamplerRule, StepContext
 from distillkit.api.footprints import (
@@ -67,6 +69,7 @@ __all__ = [
     "CappedEnding", "DataFormat", "DatasetSpec", "DistillkitError", "Divergence", "DivergenceName", "ExampleBatch",
     "InstructionExample", "Method", "NoOptions", "OptionError", "PairedBatch", "ParameterGroup", "PseudoTargetSource", "Registered", "SamplerRule", "Schedule", "ScheduleName", "SourceFactory",
     "Stage", "StepContext", "StudentMode", "TeacherAdapter", "TeacherAdapterFactory", "TokenizedExample", "TopKSignal", "TrainBatch",
+    "VocabularyAligner", "VocabularyAlignment",
     "cache_root", "collate", "ended_with_eos", "fingerprint", "hookimpl", "keyed_generator", "left_pad", "require",
     "write_json_atomic",
 ]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from distillkit.api.batch import ExampleBatch, InstructionExample, TrainBatch
+    from distillkit.api.batch import ExampleBatch, InstructionExample, TopKSignal, TrainBatch
     from distillkit.api.context import StepContext
     from distillkit.api.footprints import AdapterFootprint, PlanContext, SourceFootprint, StageFootprint
     from distillkit.config.assembly import RunConfig
@@ -32,8 +32,8 @@ class Registered:
     run assembly checks the value, default included, against the registry,
     e.g. ``divergence: Annotated[str, Registered("divergences")]``."""
 
-    category: Literal["methods", "sources", "teacher_adapters", "divergences", "schedules", "data_formats",
-                      "datasets"]
+    category: Literal["methods", "sources", "teacher_adapters", "divergences", "schedules", "alignments",
+                      "data_formats", "datasets"]
 
 
 DivergenceName = Annotated[str, Registered("divergences")]
@@ -152,6 +152,32 @@ class Divergence:
     description: str
     per_token: Callable[..., torch.Tensor]
     params: dict[str, float] = field(default_factory=dict)
+
+
+class VocabularyAligner(Protocol):
+    """A teacher with its own tokenizer, seen over the student's vocabulary (built once per run).
+
+    ``teacher_view(batch)``: the student batch (B, T_s) re-tokenized for the teacher, a
+    :class:`~distillkit.api.TrainBatch` (B, T_t), and ``alignment`` (B, T_s - 1) int64: the teacher label
+    position of each student label position, -1 where none.  ``signal(teacher_logits, alignment, k)``: the
+    teacher's logits of that view (B, T_t - 1, V_t) as a :class:`~distillkit.api.TopKSignal` over the student's
+    vocabulary (B, T_s - 1, <= k) with ``valid`` (alignment >= 0).
+    """
+
+    def teacher_view(self, batch: TrainBatch) -> tuple[TrainBatch, torch.Tensor]: ...
+
+    def signal(self, teacher_logits: torch.Tensor, alignment: torch.Tensor, k: int) -> TopKSignal: ...
+
+
+@dataclass(frozen=True)
+class VocabularyAlignment:
+    """A named way to pair a teacher with another tokenizer than the student's
+    (``[teacher_signal] alignment = NAME``): ``build(teacher_tokenizer,
+    student_tokenizer)`` returns a :class:`VocabularyAligner`, once per run."""
+
+    name: str
+    description: str
+    build: Callable[[Any, Any], VocabularyAligner]
 
 
 @dataclass(frozen=True)

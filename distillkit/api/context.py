@@ -72,13 +72,18 @@ class StepContext(Protocol):
 
     def teacher_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         """Teacher next-token logits (B, T-1, V); no gradient unless ``grad``;
-        ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
+        ``adapted=False`` gives the plain teacher (no soft prompt / LoRA).
+        With ``[teacher_signal] alignment`` the teacher has its own tokenizer:
+        ``batch`` must be in its tokens and V is its vocabulary."""
 
     def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
         """What the teacher says about the batch, for a divergence: its cached
         top-k signal (:class:`~distillkit.api.TopKSignal`) when the run reads
         one (``[teacher_signal] top_k``, for a method that declares
-        ``Method(sparse_teacher=True)``), else :meth:`teacher_logits`."""
+        ``Method(reads_teacher_signal=True)``); with ``[teacher_signal]
+        alignment``, the signal of a teacher with its own tokenizer over the
+        student's vocabulary, computed at each call (with ``valid``); else
+        :meth:`teacher_logits`."""
 
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats per token)."""

@@ -3,7 +3,7 @@
 A plugin is any module (or object) that implements some of the hooks below,
 decorated with ``@distillkit.hookimpl``.  distillkit finds plugins through the
 entry-point group ``distillkit``; its own built-in methods, divergences,
-schedules, sources, teacher adapters, datasets and recipes are registered
+schedules, alignments, sources, teacher adapters, datasets and recipes are registered
 through that very group, so built-ins and third-party plugins are equals::
 
     # pyproject.toml of your package
@@ -26,7 +26,9 @@ A run is then assembled by name (never by ``if method == ...``):
 4. **divergences** (``distillkit_register_divergences``): token-level losses
    between the trainable and the target distribution;
 5. **schedules** (``distillkit_register_schedules``): coefficients as a
-   function of the optimizer step ``k`` and the total ``K``.
+   function of the optimizer step ``k`` and the total ``K``;
+6. **alignments** (``distillkit_register_alignments``): a teacher with
+   another tokenizer than the student's (``[teacher_signal] alignment``).
 
 The component types (``Method``, ``Divergence``, ...) are defined in
 :mod:`distillkit.api.components`; their docstrings give the exact contracts.
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
         Schedule,
         SourceFactory,
         TeacherAdapterFactory,
+        VocabularyAlignment,
     )
 
 hookspec = pluggy.HookspecMarker("distillkit")
@@ -133,6 +136,17 @@ def distillkit_register_schedules() -> list[Schedule]:
         with state also gives ``initial_state(**params)`` and ``update(state,
         k, K, logs, **params)``, which the trainer calls after each optimizer
         step with the step's logged values; the run checkpoints the state.
+    """
+
+
+@hookspec
+def distillkit_register_alignments() -> list[VocabularyAlignment]:
+    """Register vocabulary alignments: how a teacher with its own tokenizer is compared with the student.
+
+    :return: :class:`~distillkit.api.VocabularyAlignment` objects.  A recipe picks one with
+        ``[teacher_signal] alignment = NAME``; the pipeline calls ``build(teacher_tokenizer,
+        student_tokenizer)`` once per run, and ``run.teacher_signal(batch)`` then gives the teacher's
+        signal over the student's vocabulary (a :class:`~distillkit.api.TopKSignal` with ``valid``).
     """
 
 

@@ -146,11 +146,24 @@ def resolve_run(recipe: Recipe, method_name: str) -> RunConfig:
 
 
 def check_teacher_signal(config: RunConfig) -> None:
-    """A cached top-k teacher signal needs a method that reads the teacher
-    through ``run.teacher_signal`` and a source whose sequences are fixed
-    (a method without a teacher has nothing to replace)."""
+    """A top-k teacher signal needs a method that reads the teacher through
+    ``run.teacher_signal`` (a method without a teacher has nothing to
+    replace).  Cached (no alignment): a source whose sequences are fixed.
+    With an alignment (computed online): no ``teacher.sft``."""
     method = registry().methods[config.method]
-    if config.recipe.teacher_signal.top_k == 0 or method.teacher_adapter is None:
+    signal = config.recipe.teacher_signal
+    if signal.top_k == 0 or method.teacher_adapter is None:
+        return
+    if signal.alignment is not None:
+        if not method.reads_teacher_signal:
+            raise DistillkitError(f"method '{method.name}' reads the teacher's dense logits (it does not declare "
+                                  "reads_teacher_signal), so it cannot pair a teacher with another tokenizer "
+                                  f"(teacher_signal.alignment = '{signal.alignment}'); use a teacher that shares "
+                                  "the student's tokenizer, or a method that declares it")
+        if config.recipe.teacher.sft is not None:
+            raise DistillkitError("teacher.sft is not supported with teacher_signal.alignment yet (its data pipeline "
+                                  "would need the teacher's tokens); fine-tune the teacher beforehand and set "
+                                  "teacher.path, or remove it with --set '~teacher.sft'")
         return
     off = "or set teacher_signal.top_k = 0 (the online teacher)"
     if not method.reads_teacher_signal:

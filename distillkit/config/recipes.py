@@ -11,8 +11,8 @@ from typing import Any
 import tomllib
 
 from distillkit.config.assembly import resolve_section
-from distillkit.config.schema import Recipe, TrainingConfig, build, merge
-from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.config.schema import Recipe, TrainingConfig, build, merge, option_error
+from distillkit.errors import DistillkitError, OptionError, did_you_mean
 from distillkit.registry import registry
 
 
@@ -128,6 +128,12 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """Load, override and validate a recipe."""
     raw = apply_overrides(load_raw_recipe(name_or_path), overrides or [])
     recipe = build(Recipe, raw, "")
+    alignment = recipe.teacher_signal.alignment
+    if alignment is not None:
+        try:
+            registry().alignments.require(alignment, "alignment")
+        except OptionError as error:
+            raise option_error("teacher_signal.alignment", error) from None
     for section in ("teacher", "student"):
         sft = getattr(recipe, section).sft
         if sft is not None:

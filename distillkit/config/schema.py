@@ -271,12 +271,27 @@ class TeacherSignalConfig(Section):
     training (with a progress bar, resumable) and cached, keyed by teacher,
     sequences and k, so another student or method reuses it.  Needs a method
     that declares ``reads_teacher_signal`` and a source whose sequences are
-    fixed before training."""
+    fixed before training.
+
+    ``alignment``: a registered vocabulary alignment for a teacher with its own
+    tokenizer (``teacher_tokenizer``, a local tokenizer folder; default: the
+    teacher's ``path``), while ``[tokenizer]`` (or the student's path) is the
+    student's; the name is checked when the recipe loads.  The teacher's
+    signal over the student's vocabulary, ``top_k`` (> 0) tokens wide, is then
+    computed online at every step, never cached; a method that samples from
+    the teacher cannot use it, nor ``teacher.sft``."""
 
     top_k: int = 0
+    alignment: str | None = added_later(None)
+    teacher_tokenizer: str | None = added_later(None)
 
     def __post_init__(self) -> None:
         require(self.top_k >= 0, "top_k", "be >= 0 (0: the online teacher)", self.top_k)
+        require(self.alignment is None or self.top_k > 0, "top_k",
+                "be > 0 with an alignment (the width of the teacher's signal over the student's vocabulary)",
+                self.top_k)
+        require(self.teacher_tokenizer is None or self.alignment is not None, "teacher_tokenizer",
+                "be unset without teacher_signal.alignment (one tokenizer for both)", self.teacher_tokenizer)
 
 
 @dataclass

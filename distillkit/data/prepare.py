@@ -27,7 +27,8 @@ def data_identity(recipe: Recipe) -> dict[str, Any]:
 
 
 def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
-    """The recipe's shared tokenizer and an identity string for cache keys."""
+    """The recipe's shared tokenizer (the student's, with ``[teacher_signal] alignment``) and an identity string for
+    cache keys."""
     settings = recipe.tokenizer
     if settings.train_vocab_size:
         key = fingerprint("bpe", settings.train_vocab_size, data_identity(recipe))
@@ -43,11 +44,24 @@ def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
             tokenizer.save_pretrained(scratch)
             publish_dir(scratch, folder)
         return load_tokenizer(str(folder)), f"bpe-{key}"
-    path = settings.path or recipe.teacher.path or recipe.student.path
+    aligned = recipe.teacher_signal.alignment is not None  # the teacher has its own tokenizer
+    path = settings.path or (None if aligned else recipe.teacher.path) or recipe.student.path
     if path is None:
         raise DistillkitError("set tokenizer.path or tokenizer.train_vocab_size (no model path to take it from)")
     gguf = recipe.teacher.gguf_file if path == recipe.teacher.path else None
     return load_tokenizer(path, gguf_file=gguf, trust_remote_code=recipe.teacher.trust_remote_code), path
+
+
+def recipe_teacher_tokenizer(recipe: Recipe) -> tuple[Any, str]:
+    """The tokenizer of a teacher that has its own (``[teacher_signal] alignment``): ``teacher_tokenizer``, else the
+    teacher's ``path``; and the path it came from."""
+    teacher = recipe.teacher
+    path = recipe.teacher_signal.teacher_tokenizer or teacher.path
+    if path is None:
+        raise DistillkitError("set teacher_signal.teacher_tokenizer, the teacher's tokenizer folder (a teacher built "
+                              "from teacher.config has no tokenizer of its own)")
+    gguf = teacher.gguf_file if path == teacher.path else None
+    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=teacher.trust_remote_code), path
 
 
 @dataclass

@@ -354,7 +354,7 @@ def check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> N
         differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
         raise DistillkitError(
             f"teacher and student vocabularies differ ({len(teacher_vocab)} vs {len(student_vocab)} tokens; "
-            f"e.g. {differing}); pick a pair that shares a tokenizer (cross-tokenizer alignment is not supported yet)"
+            f"e.g. {differing}); pick a pair that shares a tokenizer, or pair them with teacher_signal.alignment"
         )
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         if getattr(teacher_tokenizer, name) != getattr(student_tokenizer, name):

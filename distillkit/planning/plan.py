@@ -96,6 +96,12 @@ and stages (``Stage.footprint``); a component without one adds none.
   no gradients, 1 full and 2 gathered copies (log-softmax, the tail's
   masked copy).  On disk the cache holds k (index + 2) + 4 B per response
   token (index: 1, 2 or 4 B by vocabulary size).
+- with ``[teacher_signal] alignment`` (a teacher with its own tokenizer):
+  no fill and no cache; in a stage, the signal over the student's
+  vocabulary, (12 k + 5) B per position (with ``valid``), and the teacher's
+  logits of its view of the micro-batch in its own vocabulary V_t, 1 full
+  and 2 chunk copies (log-softmax, the matched columns), the view counted
+  at the student's length (it may be longer or shorter).
 
 The peak is the rows held throughout (weights, AdamW, adapter, buffers) plus
 the largest phase: sampling, a stage's forward/backward (with its gradients),
@@ -303,9 +309,15 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
         from distillkit.data.prepare import recipe_tokenizer
 
         tokenizer = recipe_tokenizer(recipe)[0]
+    teacher_tokenizer = tokenizer
+    if "teacher" in roles and "teacher" not in shapes and recipe.teacher_signal.alignment is not None \
+            and recipe.teacher.config is not None:  # a teacher with its own tokenizer sizes its config table
+        from distillkit.data.prepare import recipe_teacher_tokenizer
+
+        teacher_tokenizer = recipe_teacher_tokenizer(recipe)[0]
     for role in roles:
         if role not in shapes:
-            shapes[role] = model_shape(recipe, role, tokenizer)
+            shapes[role] = model_shape(recipe, role, teacher_tokenizer if role == "teacher" else tokenizer)
     student, teacher = shapes["student"], shapes["teacher"] if method.teacher_adapter is not None else None
     precision = run.training.mixed_precision
     precision = layout.mixed_precision if precision == "auto" else precision
@@ -373,8 +385,20 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     rows.extend(_sampling_rows(source, recipe.data.max_length, student, 2 if autocast else student.dtype_bytes,
                                teacher, adapter.extra_positions, vocab, sequence, new_tokens))
     if method.reads_teacher_signal and teacher is not None and recipe.teacher_signal.top_k:
-        rows.extend(_teacher_signal_rows(recipe.teacher_signal.top_k, micro, sequence, response, vocab))
+        k = recipe.teacher_signal.top_k
+        if recipe.teacher_signal.alignment is not None:
+            rows.extend(_aligned_signal_rows(k, micro * sequence, chunk, teacher.vocab))
+        else:
+            rows.extend(_teacher_signal_rows(k, micro, sequence, response, vocab))
     return plan
+
+
+def _aligned_signal_rows(k: int, positions: int, chunk: int, teacher_vocab: int) -> list[Row]:
+    """The teacher's logits of its view of a micro-batch and the projected signal, in a stage (no fill)."""
+    return [Row("teacher signal", FORWARD_BACKWARD, positions * (12 * k + 5) / MiB, 0.0,
+                f"top-{k} over the student's vocabulary: {positions:,} positions x (12 x {k} + 5) B"),
+            Row("logits", FORWARD_BACKWARD, (positions + 2 * chunk) * teacher_vocab * 4 / MiB, 0.0,
+                f"teacher's view, its vocabulary: (1 x {positions:,} + 2 x {chunk:,}) rows x {teacher_vocab:,} x 4 B")]
 
 
 def _teacher_signal_rows(k: int, micro: int, sequence: int, response: int, vocab: int) -> list[Row]:

@@ -1,5 +1,7 @@
 """From a recipe to a trained student: tokenizer, data, models (with cached
 supervised fine-tuning of the teacher and of the SFT student init), trainer.
+With ``[teacher_signal] alignment`` the teacher keeps its own tokenizer and
+vocabulary, and the registered alignment is built once for the run.
 
 Prepared artefacts are cached under ``$DISTILLKIT_CACHE_DIR`` (default
 ``~/.cache/distillkit``), keyed by a hash of everything that determines them,
@@ -29,7 +31,13 @@ from distillkit.config import (
     resolve_run,
     to_dict,
 )
-from distillkit.data.prepare import PreparedData, data_identity, prepare_data, recipe_tokenizer
+from distillkit.data.prepare import (
+    PreparedData,
+    data_identity,
+    prepare_data,
+    recipe_teacher_tokenizer,
+    recipe_tokenizer,
+)
 from distillkit.engine.layout import check_launch_layout, cpu_processes
 from distillkit.engine.models import (
     check_length,
@@ -128,7 +136,14 @@ def train(
     output = output or Path("runs") / recipe.name / method_name
     check_run_folder(output, config, resume=resume)  # before any model is loaded
     session = open_session(recipe, console)
-    teacher, teacher_dir = (None, None) if method.teacher_adapter is None else prepared_model(session, "teacher")
+    teacher, teacher_dir, teacher_tokenizer, aligner = None, None, None, None
+    alignment = recipe.teacher_signal.alignment
+    if method.teacher_adapter is not None and alignment is not None:  # the teacher keeps its own tokenizer
+        teacher_tokenizer, teacher_tokenizer_id = recipe_teacher_tokenizer(recipe)
+        teacher = load_model(recipe.teacher, teacher_tokenizer, "teacher")  # assembly refused teacher.sft
+        aligner = registry().alignments[alignment].build(teacher_tokenizer, session.tokenizer)
+    elif method.teacher_adapter is not None:
+        teacher, teacher_dir = prepared_model(session, "teacher")
     if config.student_init == "sft":
         student_spec = dataclasses.replace(recipe.student, sft=recipe.student.sft or {})
         student, _ = prepared_model(dataclasses.replace(session, recipe=dataclasses.replace(recipe, student=student_spec)),
@@ -138,10 +153,14 @@ def train(
     check_length(student, recipe.data.max_length, "student")
     if teacher is not None:
         check_length(teacher, recipe.data.max_length, "teacher")
-        check_shared_vocabulary(model_tokenizer(session, recipe.teacher), model_tokenizer(session, recipe.student))
+        if aligner is None:
+            check_shared_vocabulary(model_tokenizer(session, recipe.teacher), model_tokenizer(session, recipe.student))
     teacher_id = str(teacher_dir or f"{recipe.teacher.path}:{recipe.teacher.gguf_file}")
+    if teacher_tokenizer is not None:  # a teacher built from config depends on its tokenizer's size
+        teacher_id += f":{teacher_tokenizer_id}"
     trainer = Trainer(config, student, session.tokenizer, session.data.train, session.data.validation, output,
-                      teacher=teacher, teacher_id=teacher_id, resume=resume, console=console)
+                      teacher=teacher, teacher_id=teacher_id, resume=resume, console=console,
+                      teacher_tokenizer=teacher_tokenizer, aligner=aligner)
     if teacher_dir is not None and trainer.accelerator.is_main_process:
         link = output / "teacher"
         if link.is_symlink() or link.exists():

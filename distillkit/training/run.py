@@ -20,6 +20,7 @@ from distillkit.api import (
     TokenizedExample,
     TopKSignal,
     TrainBatch,
+    VocabularyAligner,
 )
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
@@ -69,6 +70,11 @@ class Run:
     ``global_sum`` sums a tensor over the processes (every process must call
     it the same number of times, e.g. once per micro-batch);
     ``schedule_states`` holds the stateful schedules' states.
+    ``teacher_tokenizer`` and ``aligner``: a teacher with its own tokenizer
+    (``[teacher_signal] alignment``) and the built alignment; None when the
+    teacher shares ``tokenizer``.  ``aligned`` counts (aligned, all) student
+    response label positions of :meth:`teacher_signal` since the trainer last
+    reset it.
     """
 
     config: RunConfig
@@ -85,6 +91,9 @@ class Run:
     keep_going: Callable[[bool], bool] = bool
     global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
     schedule_states: ScheduleStates = field(default_factory=ScheduleStates)
+    teacher_tokenizer: Any = None
+    aligner: VocabularyAligner | None = None
+    aligned: list[int] = field(default_factory=lambda: [0, 0])
 
     @property
     def options(self) -> Any:
@@ -101,17 +110,31 @@ class Run:
         out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.logits[:, :-1, : self.vocab_size]
 
+    @property
+    def teacher_vocab_size(self) -> int:
+        """The teacher's tokenizer size: its own with an alignment, else :attr:`vocab_size`."""
+        return self.vocab_size if self.teacher_tokenizer is None else len(self.teacher_tokenizer)
+
     def teacher_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
-        """Teacher next-token logits (B, T-1, V); no gradient unless asked.
-        ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
+        """Teacher next-token logits (B, T-1, V_t) of ``batch`` in the teacher's tokens (the student's unless
+        aligned); no gradient unless asked.  ``adapted=False`` gives the plain teacher (no soft prompt / LoRA)."""
         if self.teacher is None:
             raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
-        return self.teacher.logits(batch, grad=grad, adapted=adapted)[..., : self.vocab_size]
+        return self.teacher.logits(batch, grad=grad, adapted=adapted)[..., : self.teacher_vocab_size]
 
     def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
-        """The batch's cached top-k teacher signal if the trainer attached one,
-        else the (adapted) teacher's logits (B, T-1, V)."""
-        return batch.teacher_signal if batch.teacher_signal is not None else self.teacher_logits(batch)
+        """The batch's cached top-k teacher signal if the trainer attached one; with an alignment, the teacher's
+        top-k signal over the student's vocabulary (B, T-1, k) from its logits of the batch re-tokenized, with
+        ``valid``; else the (adapted) teacher's logits (B, T-1, V)."""
+        if batch.teacher_signal is not None:
+            return batch.teacher_signal
+        if self.aligner is None:
+            return self.teacher_logits(batch)
+        view, alignment = self.aligner.teacher_view(batch)
+        signal = self.aligner.signal(self.teacher_logits(view), alignment, self.config.recipe.teacher_signal.top_k)
+        self.aligned[0] += int((alignment >= 0).sum())
+        self.aligned[1] += int(batch.label_mask.sum())
+        return signal
 
     def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats/token)."""
@@ -148,7 +171,16 @@ class Run:
 
         Each row's randomness is keyed by ``key`` (default: the training seed
         and the step k) and its prompt, so a prompt gets the same sample
-        whichever process, micro-batch or batch-mates it has."""
+        whichever process, micro-batch or batch-mates it has.  A teacher with its own tokenizer cannot be sampled
+        from (nor guide the samples): its tokens are not the student's."""
+        if self.aligner is not None and self.teacher is not None:
+            teacher_model = self.teacher.sampling_inputs()[0]
+            if model is teacher_model or guide_model is teacher_model:
+                raise DistillkitError(
+                    f"method '{self.config.method}' samples from the teacher, whose samples are in its own tokens, "
+                    f"not the student's (teacher_signal.alignment = '{self.config.recipe.teacher_signal.alignment}'"
+                    "); use a method that trains on dataset or student sequences, or a teacher that shares the "
+                    "student's tokenizer")
         room = self.config.recipe.data.max_length - (self.teacher.extra_positions if self.teacher else 0)
         key = (self.config.training.seed, self.step) if key is None else key
         row_keys = [int(fingerprint(*key, prompt), 16) for prompt in prompts]

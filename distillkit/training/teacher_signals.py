@@ -91,14 +91,15 @@ def top_k_rows(run: Run, batch: TrainBatch, k: int) -> list[tuple[torch.Tensor, 
 
 
 def prepare_teacher_signals(run: Run, accelerator: Accelerator, progress: Progress) -> TeacherSignals | None:
-    """The run's teacher signals (None: ``top_k = 0``), filling the cache
+    """The run's teacher signals (None: ``top_k = 0``, or an alignment, whose
+    signal is computed online), filling the cache
     first with the rows of the source's fixed view that it lacks; each
     process computes its share and the main process writes them.  The run
     assembly has checked the method and its source
     (:func:`~distillkit.config.assembly.check_teacher_signal`)."""
     k = run.config.recipe.teacher_signal.top_k
     method = registry().methods[run.config.method]
-    if k == 0 or not method.reads_teacher_signal:  # e.g. the SFT preparation of a model
+    if k == 0 or not method.reads_teacher_signal or run.aligner is not None:  # e.g. the SFT preparation of a model
         return None
     if k > run.vocab_size:
         raise DistillkitError(f"teacher_signal.top_k is {k}, more than the vocabulary ({run.vocab_size} tokens)")

@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from distillkit.api import Method, Stage, TokenizedExample, TrainBatch
+from distillkit.api import Method, Stage, TokenizedExample, TrainBatch, VocabularyAligner
 from distillkit.config import RunConfig
 from distillkit.config.run_folder import (
     BEST,
@@ -86,7 +86,9 @@ class Trainer:
     :func:`~distillkit.training.batches.recipe_order`) gives the indices of
     ``train_examples`` in the order an epoch takes them; ``on_step`` is
     called in every process after each optimizer step with its
-    :class:`StepReport`."""
+    :class:`StepReport`.  ``teacher_tokenizer`` and ``aligner``: a teacher
+    with its own tokenizer and the built vocabulary alignment
+    (``[teacher_signal] alignment``; see :class:`~distillkit.training.run.Run`)."""
 
     def __init__(
         self,
@@ -103,6 +105,8 @@ class Trainer:
         console: Console | None = None,
         example_order: ExampleOrder | None = None,
         on_step: Callable[[StepReport], None] | None = None,
+        teacher_tokenizer: Any = None,
+        aligner: VocabularyAligner | None = None,
     ) -> None:
         self.config, self.training = config, config.training
         self.method: Method = registry().methods[config.method]
@@ -125,7 +129,7 @@ class Trainer:
         self.run = Run(config, student, tokenizer, total_steps=total_steps(self.training, len(train_examples)),
                        train_examples=train_examples, teacher_id=teacher_id, process_index=rank,
                        num_processes=processes, keep_going=self.sums.any if self.sharded else bool,
-                       global_sum=self.sums.of_tensor)
+                       global_sum=self.sums.of_tensor, teacher_tokenizer=teacher_tokenizer, aligner=aligner)
         if self.method.teacher_adapter is not None:
             if teacher is None:
                 raise DistillkitError(f"method '{self.method.name}' needs a teacher; set [teacher] in the recipe")
@@ -175,8 +179,11 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step of every stage; returns logged values (averages
-        over the global batch's response tokens)."""
+        over the global batch's response tokens; with an alignment also
+        ``aligned_fraction``, of the student response positions the teacher's
+        signal covers)."""
         batches = self.micro_batches(self.examples_for_step(self.state.step))
+        self.run.aligned = [0, 0]
         (global_tokens,) = self.sums.of([sum(b.num_response_tokens for b in batches)])
         terms_by_key: dict[str, float] = {}
         logs: dict[str, float] = {}
@@ -189,6 +196,9 @@ class Trainer:
             [*terms_by_key.values(), local_positions, self.run.generated_tokens])
         self.state.tokens += int(positions)
         self.state.generated_tokens = int(generated)
+        if self.run.aligner is not None:
+            aligned, positions = self.sums.of(self.run.aligned)
+            logs["aligned_fraction"] = aligned / max(positions, 1)
         return {**dict(zip(terms_by_key, term_values)), **logs}
 
     def _backward_stage(self, stage: Stage, batches: list[TrainBatch], global_tokens: float,
