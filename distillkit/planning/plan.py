@@ -101,7 +101,9 @@ and stages (``Stage.footprint``); a component without one adds none.
   vocabulary, (12 k + 5) B per position (with ``valid``), and the teacher's
   logits of its view of the micro-batch in its own vocabulary V_t, 1 full
   and 2 chunk copies (log-softmax, the matched columns), the view counted
-  at the student's length (it may be longer or shorter).
+  at the student's length (it may be longer or shorter); the stage's own
+  logits rows then count the student's vocabulary (an upper bound, with
+  the dense-teacher copies).
 
 The peak is the rows held throughout (weights, AdamW, adapter, buffers) plus
 the largest phase: sampling, a stage's forward/backward (with its gradients),
@@ -347,7 +349,9 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     sequence = sequence_length or recipe.data.max_length
     response = response_tokens if response_tokens is not None else micro * sequence
     chunk = min(response, DEFAULT_CHUNK_SIZE)
-    vocab = max(student.vocab, teacher.vocab if teacher is not None else 0)
+    aligned = teacher is not None and recipe.teacher_signal.alignment is not None
+    # a teacher with its own tokenizer: its logits are the aligned-signal row, the stage's copies are the student's
+    vocab = student.vocab if aligned else max(student.vocab, teacher.vocab if teacher is not None else 0)
     stages = []
     for stage in method.stages:
         declared = stage.footprint(context, run.options) if stage.footprint is not None else StageFootprint()
