@@ -159,6 +159,20 @@ def train_killed_during_step(monkeypatch: pytest.MonkeyPatch, step: int, train: 
             train()
 
 
+def assert_resumes_exactly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str, recipe: str,
+                           overrides: list[str], *, steps: int = 4, kill_at: int = 3) -> None:
+    """A run of ``method`` killed during step ``kill_at`` and resumed ends with the same step-``steps``
+    weights as an uninterrupted one (the recipe checkpoints before ``kill_at``)."""
+    from distillkit.training.pipeline import train
+
+    train(method, recipe, output=tmp_path / "straight", overrides=overrides)
+    train_killed_during_step(monkeypatch, kill_at, lambda: train(method, recipe, output=tmp_path / "killed",
+                                                                 overrides=overrides))
+    train(method, recipe, output=tmp_path / "killed", overrides=overrides, resume=True)
+    final = f"checkpoints/step-{steps:07d}/model.safetensors"
+    assert_same_tensors(tmp_path / "straight" / final, tmp_path / "killed" / final)
+
+
 def assert_same_tensors(first: Path, second: Path) -> None:
     """Two safetensors files hold the same tensors, bit for bit."""
     from safetensors.torch import load_file

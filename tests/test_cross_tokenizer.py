@@ -20,7 +20,7 @@ from distillkit.engine.models import train_bpe_tokenizer
 from distillkit.errors import DistillkitError
 from distillkit.training.pipeline import train
 
-from .conftest import assert_same_tensors, plugins_installed, train_killed_during_step
+from .conftest import assert_resumes_exactly, plugins_installed
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +78,8 @@ def test_the_teacher_keeps_its_own_vocabulary(recipe_file, tmp_path, teacher_tok
 
 def test_a_killed_aligned_run_resumes_to_identical_parameters(recipe_file, tmp_path, monkeypatch,
                                                               teacher_tokenizer_dir):
-    recipe, overrides = str(recipe_file(steps=4, eval_every=2)), aligned(teacher_tokenizer_dir)
-    train("kd", recipe, output=tmp_path / "straight", overrides=overrides)
-    train_killed_during_step(monkeypatch, 3, lambda: train("kd", recipe, output=tmp_path / "killed",
-                                                           overrides=overrides))
-    train("kd", recipe, output=tmp_path / "killed", overrides=overrides, resume=True)
-    final = "checkpoints/step-0000004/model.safetensors"
-    assert_same_tensors(tmp_path / "straight" / final, tmp_path / "killed" / final)
+    assert_resumes_exactly(monkeypatch, tmp_path, "kd", str(recipe_file(steps=4, eval_every=2)),
+                           aligned(teacher_tokenizer_dir))
 
 
 @pytest.mark.parametrize("method", ["promptkd", "minillm"])

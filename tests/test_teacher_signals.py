@@ -17,7 +17,7 @@ from distillkit.registry import registry
 from distillkit.training import teacher_signals
 from distillkit.training.pipeline import train
 
-from .conftest import assert_same_tensors, train_killed_during_step
+from .conftest import assert_resumes_exactly
 
 TOP_K = ["teacher_signal.top_k=16"]
 SHARED = ["teacher_signal.top_k=14"]
@@ -101,13 +101,7 @@ def test_methods_that_read_the_signal_train_with_falling_loss(method, recipe_fil
 
 
 def test_a_killed_run_on_the_signal_resumes_to_identical_parameters(recipe_file, tmp_path, monkeypatch):
-    recipe = str(recipe_file(steps=4, eval_every=2))
-    train("kd", recipe, output=tmp_path / "straight", overrides=TOP_K)
-    train_killed_during_step(monkeypatch, 3, lambda: train("kd", recipe, output=tmp_path / "killed",
-                                                           overrides=TOP_K))
-    train("kd", recipe, output=tmp_path / "killed", overrides=TOP_K, resume=True)
-    final = "checkpoints/step-0000004/model.safetensors"
-    assert_same_tensors(tmp_path / "straight" / final, tmp_path / "killed" / final)
+    assert_resumes_exactly(monkeypatch, tmp_path, "kd", str(recipe_file(steps=4, eval_every=2)), TOP_K)
 
 
 @pytest.mark.parametrize(("method", "message"), [
