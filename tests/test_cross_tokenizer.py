@@ -58,6 +58,17 @@ def test_methods_train_with_a_teacher_of_another_tokenizer(method, recipe_file, 
     assert not (tmp_path / method / "teacher").exists()  # a config-built teacher without teacher.sft: no folder
 
 
+def test_a_teacher_view_longer_than_the_limit_is_cut(recipe_file, tmp_path, tmp_path_factory):
+    """A finer teacher tokenizer (270 tokens: nearly bytes) makes views past data.max_length (the teacher's
+    positions): they are cut there and the positions past the cut are left out, not an indexing error."""
+    examples = load_split(DataConfig(dataset="dolly"), "validation")[:300]
+    folder = tmp_path_factory.mktemp("fine-tokenizer")
+    train_bpe_tokenizer((format_prompt(e) + e.references[0] for e in examples), 270).save_pretrained(folder)
+    train("kd", str(recipe_file(steps=2, eval_every=2)), output=tmp_path / "kd", overrides=aligned(folder))
+    fractions = [r["aligned_fraction"] for r in _records(tmp_path / "kd")]
+    assert max(fractions) > 0.0 and all(f < 1.0 for f in fractions), fractions  # many responses lie past the cut
+
+
 def test_the_teacher_keeps_its_own_vocabulary(recipe_file, tmp_path, teacher_tokenizer_dir, monkeypatch):
     """The teacher is built with the 700 tokens of its tokenizer and reads batches of its own tokens."""
     from distillkit.training import run as run_module

@@ -125,12 +125,17 @@ class Run:
     def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
         """The batch's cached top-k teacher signal if the trainer attached one; with an alignment, the teacher's
         top-k signal over the student's vocabulary (B, T-1, k) from its logits of the batch re-tokenized, with
-        ``valid``; else the (adapted) teacher's logits (B, T-1, V)."""
+        ``valid`` (a teacher view longer than ``data.max_length`` is cut there, its positions past the cut left
+        out); else the (adapted) teacher's logits (B, T-1, V)."""
         if batch.teacher_signal is not None:
             return batch.teacher_signal
         if self.aligner is None:
             return self.teacher_logits(batch)
         view, alignment = self.aligner.teacher_view(batch)
+        room = self.config.recipe.data.max_length  # a finer teacher tokenization may be longer: cut, unaligned past it
+        if view.input_ids.shape[1] > room:
+            view = TrainBatch(view.input_ids[:, :room], view.attention_mask[:, :room], view.response_mask[:, :room])
+            alignment = torch.where(alignment < room - 1, alignment, -1)
         signal = self.aligner.signal(self.teacher_logits(view), alignment, self.config.recipe.teacher_signal.top_k)
         self.aligned[0] += int((alignment >= 0).sum())
         self.aligned[1] += int(batch.label_mask.sum())
