@@ -48,20 +48,23 @@ def recipe_tokenizer(recipe: Recipe) -> tuple[Any, str]:
     path = settings.path or (None if aligned else recipe.teacher.path) or recipe.student.path
     if path is None:
         raise DistillkitError("set tokenizer.path or tokenizer.train_vocab_size (no model path to take it from)")
+    return _path_tokenizer(recipe, path), path
+
+
+def _path_tokenizer(recipe: Recipe, path: str) -> Any:
+    """The tokenizer at ``path``, read from the teacher's GGUF file when ``path`` is the teacher's."""
     gguf = recipe.teacher.gguf_file if path == recipe.teacher.path else None
-    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=recipe.teacher.trust_remote_code), path
+    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=recipe.teacher.trust_remote_code)
 
 
 def recipe_teacher_tokenizer(recipe: Recipe) -> tuple[Any, str]:
     """The tokenizer of a teacher that has its own (``[teacher_signal] alignment``): ``teacher_tokenizer``, else the
     teacher's ``path``; and the path it came from."""
-    teacher = recipe.teacher
-    path = recipe.teacher_signal.teacher_tokenizer or teacher.path
+    path = recipe.teacher_signal.teacher_tokenizer or recipe.teacher.path
     if path is None:
         raise DistillkitError("set teacher_signal.teacher_tokenizer, the teacher's tokenizer folder (a teacher built "
                               "from teacher.config has no tokenizer of its own)")
-    gguf = teacher.gguf_file if path == teacher.path else None
-    return load_tokenizer(path, gguf_file=gguf, trust_remote_code=teacher.trust_remote_code), path
+    return _path_tokenizer(recipe, path), path
 
 
 @dataclass

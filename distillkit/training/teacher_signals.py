@@ -116,8 +116,8 @@ def prepare_teacher_signals(run: Run, accelerator: Accelerator, progress: Progre
     with exclusive(folder, enabled=accelerator.is_main_process):
         accelerator.wait_for_everyone()
         cache = TopKCache(folder, k=k, vocab_size=run.vocab_size)
-        views = [view(chunk) for chunk in chunks]
-        todo = [batch for batch in views if cache.missing(row_keys(batch))]
+        keyed = [(batch, row_keys(batch)) for batch in map(view, chunks)]
+        todo = [(batch, keys) for batch, keys in keyed if cache.missing(keys)]
         if todo:
             _fill(run, cache, todo, k, accelerator, progress)
         accelerator.wait_for_everyone()
@@ -127,21 +127,22 @@ def prepare_teacher_signals(run: Run, accelerator: Accelerator, progress: Progre
     return TeacherSignals(cache, method.source)
 
 
-def _fill(run: Run, cache: TopKCache, todo: list[TrainBatch], k: int, accelerator: Accelerator,
+def _fill(run: Run, cache: TopKCache, todo: list[tuple[TrainBatch, list[str]]], k: int, accelerator: Accelerator,
           progress: Progress) -> None:
-    """Compute the missing rows of ``todo`` (the same list in every process),
-    a shard every :data:`ROWS_PER_SHARD` rows."""
+    """Compute the missing rows of the batches in ``todo`` (each with its row
+    keys; the same list in every process), a shard every
+    :data:`ROWS_PER_SHARD` rows."""
     rank, processes = accelerator.process_index, accelerator.num_processes
     mine = todo[rank::processes]
     calls = math.ceil(len(todo) / processes)  # the same number in every process (a sharded teacher needs all)
-    calls_per_shard = max(1, ROWS_PER_SHARD // (todo[0].input_ids.shape[0] * processes))
+    calls_per_shard = max(1, ROWS_PER_SHARD // (todo[0][0].input_ids.shape[0] * processes))
     task = progress.add_task("teacher top-k signal", total=len(todo), status=f"k={k} -> {cache.folder.name}")
     pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for call in range(calls):
-        batch = mine[call] if call < len(mine) else todo[0]  # a process with no share left repeats one, unused
+        batch, keys = mine[call] if call < len(mine) else todo[0]  # a process with no share left repeats one, unused
         rows = top_k_rows(run, batch.to(accelerator.device), k)
         if call < len(mine):
-            pending.update((key, row) for key, row in zip(row_keys(batch), rows) if key not in cache)
+            pending.update((key, row) for key, row in zip(keys, rows) if key not in cache)
         if (call + 1) % calls_per_shard == 0 or call == calls - 1:  # the same calls in every process
             if processes > 1:
                 from accelerate.utils import gather_object
