@@ -63,8 +63,23 @@ def main() -> None:
     recorded = json.loads(args.check.read_text())
     differing = [method for method in found if found[method] != recorded.get(method)]
     for method in found:
-        print(f"{method}: {'DIFFERENT' if method in differing else 'bit-identical'}")
+        verdict = "bit-identical" if method not in differing else f"DIFFERENT ({_gap(found[method], recorded.get(method))})"
+        print(f"{method}: {verdict}")
     sys.exit(1 if differing else 0)
+
+
+def _gap(found: dict, recorded: dict | None) -> str:
+    """How far a differing fingerprint is from the recorded one: the largest relative difference of the logged
+    values (a rounding-level change shows ~1e-7), or why they cannot be compared."""
+    if recorded is None:
+        return "not recorded"
+    steps = [(a, b) for a, b in zip(found["metrics"], recorded["metrics"])]
+    if len(found["metrics"]) != len(recorded["metrics"]) or any(a.keys() != b.keys() for a, b in steps):
+        return "other logged metrics"
+    pairs = [(a[key], b[key]) for a, b in steps for key in a if isinstance(a[key], float)]
+    gap = max((abs(x - y) / max(abs(y), 1e-12) for x, y in pairs), default=0.0)
+    return f"logged values: largest relative difference {gap:.1e} over {len(pairs)}; saved tensors " \
+           f"{'equal' if found['tensors'] == recorded['tensors'] else 'differ'}"
 
 
 if __name__ == "__main__":

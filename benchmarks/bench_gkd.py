@@ -16,8 +16,14 @@ applies).  It samples with ``distillkit.engine.sampling.sample`` by default, so 
 ratio isolates the training path; ``--floor-sampler generate`` uses 🤗
 ``generate`` instead (the sampler itself is compared in bench_sampler.py).
 
+lean floor arm: the same step as one would write it for speed: the output
+layers see only the columns from the first response position on
+(``logits_to_keep`` as a position index), and AdamW is ``fused=True``.
+
 Step k of every arm uses the same prompts (the trainer's examples for step
-k), the same ``max_new_tokens`` and the same RNG seed.
+k) and, with the distillkit sampler, the same row-keyed noise and per-row
+length limits as the trainer (keyed by the training seed, k and the
+prompt), so all arms sample the same tokens as long as their students agree.
 """
 
 from __future__ import annotations
@@ -35,17 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
+DISTILLKIT, FLOOR, LEAN = "distillkit Trainer.train_step", "hand-written floor", "lean floor"
+
 
 def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: int, lr: float, beta: float,
-               sampler: str):
-    """The minimal hand-written GKD step, as one would write it in a script."""
+               sampler: str, seed: int, lean: bool = False):
+    """The minimal hand-written GKD step, as one would write it in a script (``lean``: the output layers
+    only from the first response position on, fused AdamW)."""
     import torch
 
     from distillkit.config import GenerationConfig
     from distillkit.engine.sampling import sample
+    from distillkit.files import fingerprint
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01, fused=lean or None)
     teacher.eval().requires_grad_(False)
 
     def generate(prompts: list[list[int]], budget: int) -> list[list[int]]:
@@ -59,16 +69,15 @@ def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: 
         rows = out[:, width:].tolist()
         return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
 
-    def floor_step(prompts: list[list[int]]) -> dict[str, float]:
-        # 1. y ~ q(.|x): the student samples (KV cache, no grad), EOS kept
+    def floor_step(prompts: list[list[int]], step: int) -> dict[str, float]:
+        # 1. y ~ q(.|x): the student samples (KV cache, no grad), EOS kept; lambda = 1: always student samples
         started = time.perf_counter()
-        torch.rand(())  # GKD's coin u ~ U(0, 1): u < lambda = 1 always picks student samples (drawn as distillkit does)
-        budget = min(max_new_tokens, max_length - max(map(len, prompts)))
         if sampler == "generate":
-            responses = generate(prompts, budget)
-        else:
-            responses = sample(student, prompts, GenerationConfig(max_new_tokens=budget), eos_token_id=eos,
-                               pad_token_id=pad, vocab_size=len(tokenizer))
+            responses = generate(prompts, min(max_new_tokens, max_length - max(map(len, prompts))))
+        else:  # the trainer's row keys and per-row limits: the same noise for the same prompt and step
+            responses = sample(student, prompts, GenerationConfig(max_new_tokens=max_new_tokens), eos_token_id=eos,
+                               pad_token_id=pad, vocab_size=len(tokenizer), max_length=max_length,
+                               row_keys=[int(fingerprint(seed, step, p), 16) for p in prompts])
         sampling = time.perf_counter() - started
         # 2. right-padded [x ‖ y] with a response mask
         seqs = [p + r for p, r in zip(prompts, responses)]
@@ -80,9 +89,16 @@ def make_floor(student, teacher, tokenizer, *, max_new_tokens: int, max_length: 
         # 3. teacher (no grad) and student (train mode) next-token logits on response positions
         student.train()
         mask = response[:, 1:]
+        keep = {}
+        if lean:  # the output layers from the first response position on
+            first = int(mask.any(0).nonzero()[0])
+            keep, mask = {"logits_to_keep": torch.arange(first, width - 1)}, mask[:, first:]
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1][mask]
-        student_logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1][mask]
+            teacher_logits = teacher(input_ids=ids, attention_mask=attention, **keep).logits
+        student_logits = student(input_ids=ids, attention_mask=attention, **keep).logits
+        if not lean:
+            teacher_logits, student_logits = teacher_logits[:, :-1], student_logits[:, :-1]
+        teacher_logits, student_logits = teacher_logits[mask], student_logits[mask]
         # 4. generalized JSD(beta): beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
         log_p = torch.log_softmax(teacher_logits.float(), -1)
         log_q = torch.log_softmax(student_logits.float(), -1)
@@ -148,18 +164,24 @@ def main() -> None:
         distillkit = _common.StepProbe(_common.trainer_for(setup, "gkd", Path(tmp) / "gkd"))
         options = distillkit.trainer.config.options
         assert options.beta == beta and options.on_policy_fraction == 1.0
-        floor_stats: dict[str, list] = {"sampling": [], "tokens": [], "response_tokens": []}
-        floor_step = make_floor(copy.deepcopy(setup.student), copy.deepcopy(setup.teacher), tokenizer,
-                                max_new_tokens=recipe.generation.max_new_tokens, max_length=recipe.data.max_length,
-                                lr=recipe.training.lr, beta=beta, sampler=args.floor_sampler)
+        floors = {name: make_floor(copy.deepcopy(setup.student), copy.deepcopy(setup.teacher), tokenizer,
+                                   max_new_tokens=recipe.generation.max_new_tokens,
+                                   max_length=recipe.data.max_length, lr=recipe.training.lr, beta=beta,
+                                   sampler=args.floor_sampler, seed=distillkit.trainer.config.training.seed,
+                                   lean=name == LEAN)
+                  for name in (FLOOR, LEAN)}
+        stats: dict[str, dict[str, list]] = {name: {"sampling": [], "tokens": [], "response_tokens": []}
+                                             for name in floors}
 
-        def floor(k: int) -> None:
-            prompts = [e.prompt_ids for e in distillkit.trainer.examples_for_step(k)]
-            out = floor_step(prompts)
-            for key in floor_stats:
-                floor_stats[key].append(out[key])
+        def floor_arm(name: str):
+            def run(k: int) -> None:
+                prompts = [e.prompt_ids for e in distillkit.trainer.examples_for_step(k)]
+                out = floors[name](prompts, k)
+                for key in stats[name]:
+                    stats[name][key].append(out[key])
+            return run
 
-        arms = {"distillkit Trainer.train_step": distillkit.step, "hand-written floor": floor}
+        arms = {DISTILLKIT: distillkit.step, **{name: floor_arm(name) for name in floors}}
         print(f"tiny recipe: teacher {_common.parameter_count(setup.teacher) / 1e6:.2f}M, student "
               f"{_common.parameter_count(setup.student) / 1e6:.2f}M params (random weights), vocab {len(tokenizer)}; "
               f"batch 8 Dolly train prompts/step, max_new_tokens {recipe.generation.max_new_tokens}, "
@@ -167,10 +189,9 @@ def main() -> None:
         times = _common.interleaved(arms, args.repeats, warmup=1,
                                     before=lambda k: torch.manual_seed(args.seed * 1000 + k))
 
-    sampling = {"distillkit Trainer.train_step": distillkit.sampling[1:],
-                "hand-written floor": floor_stats["sampling"][1:]}
-    tokens = {"distillkit Trainer.train_step": (distillkit.tokens[1:], distillkit.response_tokens[1:]),
-              "hand-written floor": (floor_stats["tokens"][1:], floor_stats["response_tokens"][1:])}
+    sampling = {DISTILLKIT: distillkit.sampling[1:], **{name: stats[name]["sampling"][1:] for name in stats}}
+    tokens = {DISTILLKIT: (distillkit.tokens[1:], distillkit.response_tokens[1:]),
+              **{name: (stats[name]["tokens"][1:], stats[name]["response_tokens"][1:]) for name in stats}}
 
     def rest(name: str) -> list[float]:  # step time minus sampling
         return [t - u for t, u in zip(times[name], sampling[name])]
@@ -184,13 +205,13 @@ def main() -> None:
     print(_common.table(["arm", "median s/step", "mean ± sd s", "sampling s (median)", "rest s (median)",
                          "tokens/step", "response tokens/step"], rows))
     print()
-    print(_common.ratio_line("ratio distillkit / floor (step time)",
-                             times["distillkit Trainer.train_step"], times["hand-written floor"], "<= 1.05"))
-    print(_common.ratio_line("ratio distillkit / floor (step minus sampling)",
-                             rest("distillkit Trainer.train_step"), rest("hand-written floor")))
-    same = sum(a == b for a, b in zip(zip(*tokens["distillkit Trainer.train_step"]), zip(*tokens["hand-written floor"])))
-    print(f"check: same tokens and response tokens in both arms at {same}/{args.repeats} steps")
-    rows_n = int(statistics.median(tokens["hand-written floor"][1]))
+    for name in (FLOOR, LEAN):
+        print(_common.ratio_line(f"ratio distillkit / {name} (step time)", times[DISTILLKIT], times[name],
+                                 "<= 1.03"))
+        print(_common.ratio_line(f"ratio distillkit / {name} (step minus sampling)", rest(DISTILLKIT), rest(name)))
+        same = sum(a == b for a, b in zip(zip(*tokens[DISTILLKIT]), zip(*tokens[name])))
+        print(f"check: same tokens and response tokens as distillkit in {name} at {same}/{args.repeats} steps")
+    rows_n = int(statistics.median(tokens[FLOOR][1]))
     print(f"\ndivergence only: masked JSD(beta={beta}) forward + backward on {rows_n} response rows x {len(tokenizer)} "
           "vocabulary (random logits)")
     print(_common.table(["arm", "median ms", "x floor (median paired)"],

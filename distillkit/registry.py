@@ -21,6 +21,7 @@ from distillkit.api.components import (
     DataFormat,
     DatasetSpec,
     Divergence,
+    GenerationBackend,
     Method,
     Schedule,
     SourceFactory,
@@ -130,6 +131,7 @@ class Registry:
         self.divergences: Category[Divergence] = Category("divergence", Divergence)
         self.schedules: Category[Schedule] = Category("schedule", Schedule)
         self.alignments: Category[VocabularyAlignment] = Category("vocabulary alignment", VocabularyAlignment)
+        self.generation_backends: Category[GenerationBackend] = Category("generation backend", GenerationBackend)
         self.data_formats: Category[DataFormat] = Category("data format", DataFormat)
         self.datasets: Category[DatasetSpec] = Category("dataset", DatasetSpec)
         self.recipe_dirs: list[Path] = []
@@ -143,6 +145,7 @@ class Registry:
             "distillkit_register_divergences": self.divergences,
             "distillkit_register_schedules": self.schedules,
             "distillkit_register_alignments": self.alignments,
+            "distillkit_register_generation_backends": self.generation_backends,
             "distillkit_register_data_formats": self.data_formats,
             "distillkit_register_datasets": self.datasets,
         }

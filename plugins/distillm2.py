@@ -35,7 +35,6 @@ import torch
 
 from distillkit.api import (
     Divergence,
-    Logits,
     Method,
     PairedBatch,
     PlanContext,
@@ -82,17 +81,17 @@ SKEW_REVERSE_KL = Divergence("distillm2_skew_reverse_kl", "KL(Q || (1 - alpha) P
 def distillm2_loss(run: StepContext, batch: PairedBatch) -> dict[str, torch.Tensor]:
     opts: DistiLLM2Options = run.options
     weight = run.schedule("distillm2_beta", end=opts.beta_end, ramp=opts.ramp)
-    skl = run.divergence("skew_forward_kl", run.student_logits(batch), run.teacher_signal(batch), batch,
+    skl = run.divergence("skew_forward_kl", run.student_response_logits(batch), run.teacher_signal(batch), batch,
                          alpha=opts.alpha)
     student_view = batch.paired
-    srkl = run.divergence(SKEW_REVERSE_KL.name, run.student_logits(student_view), run.teacher_logits(student_view),
-                          student_view, alpha=opts.alpha)
+    srkl = run.divergence(SKEW_REVERSE_KL.name, run.student_response_logits(student_view),
+                          run.teacher_response_logits(student_view), student_view, alpha=opts.alpha)
     return {"loss": (2 - weight) * skl + weight * srkl, "skl": skl, "srkl": srkl, "beta": torch.tensor(weight)}
 
 
 def paired_view_footprint(plan: PlanContext, options: DistiLLM2Options) -> StageFootprint:
-    """The student view's logits and student graph, on top of a KD stage's (counted as MiniLLM's LM batch)."""
-    return StageFootprint(extra_logits=Logits(full=2, gathered=3), student_graphs=2)
+    """The student view's graph, on top of a KD stage's (its logits are chunked after the first view's)."""
+    return StageFootprint(student_graphs=2)
 
 
 @hookimpl

@@ -48,8 +48,8 @@ class GKDOptions:
 
 def gkd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: GKDOptions = run.options
-    student = run.student_logits(batch)
-    teacher = run.teacher_signal(batch)  # logits, or a top-k signal (a teacher with its own tokenizer: temperature 1)
+    student = run.student_response_logits(batch)
+    teacher = run.teacher_signal(batch)  # response logits, or a top-k signal (a teacher with its own tokenizer: temperature 1)
     jsd = run.divergence("jsd", student, teacher, batch, temperature=opts.loss_temperature, beta=opts.beta)
     return {"loss": jsd, "jsd": jsd}
 

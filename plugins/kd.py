@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillkit.api import DivergenceName, Method, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.api import DivergenceName, LossTerm, Method, Stage, StepContext, TrainBatch, hookimpl, require
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,10 @@ def lm_plus_divergence(run: StepContext, batch: TrainBatch, divergence: str, kd_
                        logged_as: str, **params: float) -> dict[str, torch.Tensor]:
     """(1 - kd_ratio) * CE + kd_ratio * ``divergence`` to the teacher on the
     batch's responses (nats per token); the divergence is logged as ``logged_as``."""
-    student = run.student_logits(batch)
-    teacher = run.teacher_signal(batch)  # logits, or the cached top-k signal ([teacher_signal] top_k)
-    ce = run.cross_entropy(student, batch)
-    div = run.divergence(divergence, student, teacher, batch, temperature=temperature, **params)
-    return {"loss": (1 - kd_ratio) * ce + kd_ratio * div, "ce": ce, logged_as: div}
+    teacher = run.teacher_signal(batch)  # its response logits, or the cached top-k signal ([teacher_signal] top_k)
+    return run.loss(run.student_response_logits(batch), batch, {
+        "ce": LossTerm(1 - kd_ratio),
+        logged_as: LossTerm(kd_ratio, divergence, teacher, temperature=temperature, params=params)})
 
 
 def kd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:

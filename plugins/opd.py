@@ -75,7 +75,7 @@ def discounted_future_sums(values: torch.Tensor, mask: torch.Tensor, gamma: floa
 def opd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: OPDOptions = run.options
     mask = batch.label_mask
-    student, teacher = run.student_logits(batch), run.teacher_logits(batch)
+    student, teacher = run.student_response_logits(batch), run.teacher_response_logits(batch)
     logq = masked_token_logprobs(student, batch.labels, mask)  # (N,), with gradients
     sampled_kl = logq.detach() - masked_token_logprobs(teacher, batch.labels, mask)  # k_t (N,)
     advantage = -opts.kl_penalty_coef * sampled_kl  # A_t (N,)
@@ -83,7 +83,8 @@ def opd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
         advantage = discounted_future_sums(advantage, mask, opts.kl_discount_factor)
     ratio = (logq - logq.detach()).exp()  # 1: the samples are from this very student
     tokens = max(sampled_kl.numel(), 1)
-    exact_kl = run.token_divergences("reverse_kl", student.detach(), teacher, batch)  # (N,), logged only
+    with torch.no_grad():
+        exact_kl = run.token_divergences("reverse_kl", student, teacher, batch)  # (N,), logged only
     return {"loss": -(ratio * advantage).sum() / tokens, "sampled_kl": sampled_kl.sum() / tokens,
             "reverse_kl": exact_kl.sum() / tokens}
 

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from distillkit.api import Method, ScheduleName, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.api import LossTerm, Method, ScheduleName, Stage, StepContext, TrainBatch, hookimpl, require
 
 DIRECTIONS = {"reverse": "reverse_kl", "forward": "forward_kl"}
 Direction = Literal["reverse", "forward"]
@@ -57,25 +57,21 @@ def _kl(direction: Direction) -> str:
 
 def prompt_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
-    prompted = run.teacher_logits(batch, grad=True)  # gradient reaches P only
+    prompted = run.teacher_response_logits(batch, grad=True)  # gradient reaches P only
     with torch.no_grad():
-        student = run.student_logits(batch)  # in eval mode: the stage sets student_mode="eval"
-    l_kd = run.divergence(_kl(opts.kd_direction), prompted, student, batch)
-    terms = {"l_kd": l_kd}
-    loss = l_kd
-    if opts.use_reg:
-        plain = run.teacher_logits(batch, adapted=False)
-        l_reg = run.divergence(_kl(opts.reg_direction), prompted, plain, batch)
-        c_k = run.schedule(opts.reg_schedule)
-        loss = loss + c_k * l_reg
-        terms.update(l_reg=l_reg, c_k=torch.tensor(c_k))
-    return {"loss": loss, **terms}
+        student = run.student_response_logits(batch)  # in eval mode: the stage sets student_mode="eval"
+    terms = {"l_kd": LossTerm(1.0, _kl(opts.kd_direction), student)}
+    if not opts.use_reg:
+        return run.loss(prompted, batch, terms)
+    c_k = run.schedule(opts.reg_schedule)
+    terms["l_reg"] = LossTerm(c_k, _kl(opts.reg_direction), run.teacher_response_logits(batch, adapted=False))
+    return {**run.loss(prompted, batch, terms), "c_k": torch.tensor(c_k)}  # one pass over the prompted logits
 
 
 def student_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: PromptKDOptions = run.options
-    target = run.teacher_logits(batch)  # the updated prompt, no grad
-    kl = run.divergence(_kl(opts.student_direction), run.student_logits(batch), target, batch)
+    target = run.teacher_response_logits(batch)  # the updated prompt, no grad
+    kl = run.divergence(_kl(opts.student_direction), run.student_response_logits(batch), target, batch)
     return {"loss": kl}
 
 

@@ -11,7 +11,7 @@ from distillkit.api import Method, Stage, StepContext, TrainBatch, hookimpl
 
 
 def sft_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
-    ce = run.cross_entropy(run.student_logits(batch), batch)
+    ce = run.cross_entropy(run.student_response_logits(batch), batch)
     return {"loss": ce}
 
 

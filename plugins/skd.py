@@ -113,7 +113,8 @@ class SKDOptions:
 
 def skd_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     opts: SKDOptions = run.options
-    divergence = run.divergence(opts.divergence, run.student_logits(batch), run.teacher_logits(batch), batch)
+    divergence = run.divergence(opts.divergence, run.student_response_logits(batch),
+                                run.teacher_response_logits(batch), batch)
     return {"loss": divergence, opts.divergence: divergence}
 
 

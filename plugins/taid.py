@@ -36,7 +36,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distillkit.api import Divergence, Method, Schedule, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.api import (
+    Divergence,
+    Logits,
+    Method,
+    PlanContext,
+    Schedule,
+    Stage,
+    StageFootprint,
+    StepContext,
+    TrainBatch,
+    hookimpl,
+    require,
+)
 from distillkit.engine.losses import masked_divergence
 
 
@@ -96,6 +108,12 @@ def taid_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     return {"loss": loss, "t": torch.tensor(t)}
 
 
+def interpolation_footprint(plan: PlanContext, options: TAIDOptions) -> StageFootprint:
+    """p_t's logits are built dense: the student's, the teacher's and their interpolation (3 full copies),
+    gathered at the response positions (2)."""
+    return StageFootprint(extra_logits=Logits(full=3, gathered=2))
+
+
 @hookimpl
 def distillkit_register_schedules() -> list[Schedule]:
     return [Schedule("taid", "TAID's t: from t_start, adapted by the loss's relative change, within "
@@ -105,5 +123,5 @@ def distillkit_register_schedules() -> list[Schedule]:
 @hookimpl
 def distillkit_register_methods() -> list[Method]:
     return [Method(name="taid", description="TAID: KL to a teacher/student interpolation p_t whose t adapts to the "
-                   "loss, on dataset responses", stages=(Stage("student", taid_loss),), source="dataset",
+                   "loss, on dataset responses", stages=(Stage("student", taid_loss, footprint=interpolation_footprint),), source="dataset",
                    teacher_adapter="frozen", options=TAIDOptions, schedules=("taid",))]

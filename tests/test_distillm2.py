@@ -70,7 +70,8 @@ def test_loss_and_gradients_match_the_reference(step):
     ours = [s.clone().requires_grad_() for s in (s_t, s_s)]
     by_view = {id(batch): (ours[0], p_t), id(batch.paired): (ours[1], p_s)}
     run = SimpleNamespace(
-        options=DistiLLM2Options(), student_logits=lambda b: by_view[id(b)][0], teacher_logits=lambda b: by_view[id(b)][1],
+        options=DistiLLM2Options(), student_response_logits=lambda b: by_view[id(b)][0],
+        teacher_response_logits=lambda b: by_view[id(b)][1],  # dense logits stand in: the loss helpers take both
         teacher_signal=lambda b: by_view[id(b)][1],
         schedule=lambda name, **params: registry().schedules[name].value(step + 1, 10, **params),
         divergence=lambda name, s, t, b, **params: masked_divergence(registry().divergences[name], s, t, b.label_mask,

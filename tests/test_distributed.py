@@ -80,8 +80,9 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
             # atol: the attention key bias has an exactly-zero true gradient, so Adam turns
             # float round-off of a different summation order into updates of up to ~1e-5; an
             # entry whose gradient is near zero can move by ~1e-4 (seen: 1.2e-4 in one SeqKD
-            # MLP weight of 4,096 while the step losses agree to 1e-7)
-            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-4, msg=f"{name}: {key}")
+            # MLP weight of 4,096 while the step losses agree to 1e-7; 2.5e-4 in one entry once the
+            # losses' chunks, which follow the micro-batch, sum their gradients in closed form)
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=3e-4, msg=f"{name}: {key}")
     metrics = [(run / "metrics.jsonl").read_text().splitlines() for run in (single, double)]
     losses = [[json.loads(line).get("student/loss", json.loads(line).get("loss")) for line in lines[:STEPS]]
               for lines in metrics]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from distillkit.api import ResponseLogits
 from distillkit.cli import app
 from distillkit.errors import DistillkitError
 from distillkit.training.pipeline import train
@@ -25,16 +26,21 @@ from distillkit.training.run import Run
 
 def _nan_logits_from(monkeypatch: pytest.MonkeyPatch, method: str, step: int, *, until: int | None = None) -> None:
     """In runs of ``method`` (not the cached SFT runs that prepare the models), from
-    optimizer step ``step`` (1-based) on (up to ``until``), the student's logits are NaN."""
-    original = Run.student_logits
+    optimizer step ``step`` (1-based) on (up to ``until``), the student's logits are NaN (dense or response
+    logits, whichever the method reads)."""
+    dense, response = Run.student_logits, Run.student_response_logits
 
-    def poisoned(self: Run, batch):
-        logits = original(self, batch)
-        if self.config.method == method and step <= self.step + 1 <= (until or 10**9) and torch.is_grad_enabled():
-            return logits * float("nan")
-        return logits
+    def poisoning(original, nan_of):
+        def poisoned(self: Run, batch):
+            logits = original(self, batch)
+            if self.config.method == method and step <= self.step + 1 <= (until or 10**9) and torch.is_grad_enabled():
+                return nan_of(logits)
+            return logits
+        return poisoned
 
-    monkeypatch.setattr(Run, "student_logits", poisoned)
+    monkeypatch.setattr(Run, "student_logits", poisoning(dense, lambda logits: logits * float("nan")))
+    monkeypatch.setattr(Run, "student_response_logits", poisoning(
+        response, lambda logits: ResponseLogits(logits.hidden * float("nan"), logits.head, logits.vocab_size)))
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ UNIT_LAYER = {"distillkit": "foundation", "errors": "foundation", "files": "foun
 PLUGIN_UNITS = {"plugins", "builtins"}
 # what plugins and built-in components may import: the plugin API and the shared math
 PLUGIN_ALLOWED = ("distillkit", "distillkit.api", "distillkit.engine.losses", "distillkit.engine.prefix",
-                  "distillkit.engine.alignment")
+                  "distillkit.engine.alignment", "distillkit.engine.sampling")  # the last: the reference sampler
 
 
 def _module_files() -> dict[str, Path]:

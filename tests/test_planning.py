@@ -68,11 +68,12 @@ def test_dry_run_works_offline_for_every_shipped_recipe(recipe, layout):
     ("minillm", "opt13b_to_6.7b", "fsdp", 40,
      'does NOT fit: needs 50.0 GiB, have 40.0 GiB; try teacher.placement = "shard" or teacher.placement = "offload"'),
     ("promptkd", "opt13b_to_1.3b", "zero2", 24,
-     'does NOT fit: needs 42.5 GiB, have 24.0 GiB; try teacher.placement = "offload"'),
+     'does NOT fit: needs 39.0 GiB, have 24.0 GiB; try recipes/accelerate/fsdp.yaml with teacher.placement = '
+     '"shard" or teacher.placement = "offload"'),
     ("minillm", "llama13b_to_7b", "fsdp", 10,
      'does NOT fit: needs 48.6 GiB, have 10.0 GiB; teacher.placement = "shard", teacher.placement = "offload" do not '
      "fit either: lower training.micro_batch_size (1) or add devices"),
-    ("kd", "llama13b_to_7b", "zero3-offload", 80, "fits in 80.0 GiB with 47.8 GiB to spare"),
+    ("kd", "llama13b_to_7b", "zero3-offload", 80, "fits in 80.0 GiB with 47.9 GiB to spare"),
 ])
 def test_dry_run_verdict_and_suggestions(method, recipe, layout, gib, expected):
     result = CliRunner().invoke(app, ["train", "--method", method, "--recipe", recipe, "--dry-run",

@@ -75,6 +75,54 @@ class TopKSignal:
 
 
 @dataclass
+class ResponseLogits:
+    """A model's next-token logits (N, V) at a batch's N label positions
+    (``label_mask``, row-major), held unmaterialised: the final hidden states
+    ``hidden`` (N, H) and the model's output layer ``head`` (a module mapping
+    (n, H) -> (n, >= V)), so the loss helpers compute the logits a chunk of
+    rows at a time and never hold all N x V of them.  ``head`` None means
+    ``hidden`` already holds the logits (N, >= V).  Only the first
+    ``vocab_size`` logits count (padded output rows are dropped)."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module | None
+    vocab_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0]
+
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Logits (n, V) of rows ``start:stop``, in the head's dtype."""
+        hidden = self.hidden[start:stop]
+        if self.head is None:
+            return hidden[..., : self.vocab_size]
+        weight = next(self.head.parameters(), None)
+        return self.head(hidden if weight is None else hidden.to(weight.dtype))[..., : self.vocab_size]
+
+    def materialize(self) -> torch.Tensor:
+        """All the logits (N, V): what the chunked helpers avoid; for code that needs them whole."""
+        return self.rows()
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of a loss over a trainable distribution's response
+    tokens (:meth:`StepContext.loss`): the cross-entropy of the batch's labels
+    when ``divergence`` is None, else the registered divergence of that name
+    to ``target`` (dense logits, :class:`ResponseLogits` or a
+    :class:`TopKSignal`; it gets no gradient) at softmax ``temperature`` with
+    the divergence's ``params``.  Its value is averaged over the response
+    tokens (nats per token) and enters the loss times ``weight``."""
+
+    weight: float = 1.0
+    divergence: str | None = None
+    target: torch.Tensor | ResponseLogits | TopKSignal | None = None
+    temperature: float = 1.0
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class TrainBatch:
     """A right-padded teacher-forcing batch ``[x ‖ y]``.
 

@@ -146,12 +146,20 @@ class Divergence:
     ``params`` are the divergence's own parameters (e.g. ``beta``) with their
     defaults.  Chunking, masking and averaging are done by the core
     (:func:`distillkit.engine.losses.masked_divergence`).
+
+    ``gradient`` (optional), the closed form: ``gradient(trainable_logp,
+    target_logp, **params)`` returns ``(values (N,), grad (N, V))``, the
+    values of ``per_token`` and the gradient of each row's value with
+    respect to the trainable *logits* (before the log-softmax, at
+    temperature 1).  The core uses it, instead of autograd through
+    ``per_token``, for averaged losses when both inputs are finite.
     """
 
     name: str
     description: str
     per_token: Callable[..., torch.Tensor]
     params: dict[str, float] = field(default_factory=dict)
+    gradient: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class VocabularyAligner(Protocol):
@@ -167,6 +175,25 @@ class VocabularyAligner(Protocol):
     def teacher_view(self, batch: TrainBatch) -> tuple[TrainBatch, torch.Tensor]: ...
 
     def signal(self, teacher_logits: torch.Tensor, alignment: torch.Tensor, k: int) -> TopKSignal: ...
+
+
+@dataclass(frozen=True)
+class GenerationBackend:
+    """A sampler implementation (``[generation] backend = NAME``), used for every sample a run or an
+    evaluation draws.
+
+    ``sample(model, prompts, settings, **keywords)`` has the signature and the contract of
+    :func:`distillkit.engine.sampling.sample` (the ``transformers`` backend, the reference): one response
+    per prompt, through the first EOS, with the same keywords (``row_keys``, ``prefix_embeds``,
+    ``guide_model`` and ``rule``, ``max_length``, ``capped_ending``, ...).  ``unavailable()`` gives None, or
+    the one-line reason this backend cannot run here (a missing extra or device), which a recipe that picks
+    it gets when the run is assembled, before any model is loaded.
+    """
+
+    name: str
+    description: str
+    sample: Callable[..., list[list[int]]]
+    unavailable: Callable[[], str | None] = lambda: None
 
 
 @dataclass(frozen=True)

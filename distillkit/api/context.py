@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from distillkit.api.batch import CappedEnding, ExampleBatch, TokenizedExample, TopKSignal, TrainBatch
+    from distillkit.api.batch import (
+        CappedEnding,
+        ExampleBatch,
+        LossTerm,
+        ResponseLogits,
+        TokenizedExample,
+        TopKSignal,
+        TrainBatch,
+    )
     from distillkit.api.components import TeacherAdapter
     from distillkit.config import RunConfig
 
@@ -68,7 +76,12 @@ class StepContext(Protocol):
         """The tokenizer's size; logits are sliced to it (padded output rows)."""
 
     def student_logits(self, batch: TrainBatch) -> torch.Tensor:
-        """Student next-token logits (B, T-1, V) aligned with ``batch.labels``."""
+        """Student next-token logits (B, T-1, V) aligned with ``batch.labels``, at every position (prefer
+        :meth:`student_response_logits` when only the loss helpers read them)."""
+
+    def student_response_logits(self, batch: TrainBatch) -> ResponseLogits:
+        """The student's logits at the response positions (``batch.label_mask``), unmaterialised: the
+        loss helpers compute them a chunk at a time, and no other position reaches the output layer."""
 
     def teacher_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True) -> torch.Tensor:
         """Teacher next-token logits (B, T-1, V); no gradient unless ``grad``;
@@ -76,30 +89,43 @@ class StepContext(Protocol):
         With ``[teacher_signal] alignment`` the teacher has its own tokenizer:
         ``batch`` must be in its tokens and V is its vocabulary."""
 
-    def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
+    def teacher_response_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True
+                                ) -> ResponseLogits:
+        """:meth:`teacher_logits` at the response positions, unmaterialised like
+        :meth:`student_response_logits`."""
+
+    def teacher_signal(self, batch: TrainBatch) -> ResponseLogits | TopKSignal:
         """What the teacher says about the batch, for a divergence: its cached
         top-k signal (:class:`~distillkit.api.TopKSignal`) when the run reads
         one (``[teacher_signal] top_k``, for a method that declares
         ``Method(reads_teacher_signal=True)``); with ``[teacher_signal]
         alignment``, the signal of a teacher with its own tokenizer over the
         student's vocabulary, computed at each call (with ``valid``); else
-        :meth:`teacher_logits`."""
+        :meth:`teacher_response_logits`."""
 
-    def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+    def cross_entropy(self, logits: torch.Tensor | ResponseLogits, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats per token)."""
 
-    def divergence(self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
+    def divergence(self, name: str, trainable: torch.Tensor | ResponseLogits,
+                   target: torch.Tensor | ResponseLogits | TopKSignal, batch: TrainBatch,
                    *, temperature: float = 1.0, **params: float) -> torch.Tensor:
-        """Registered divergence ``name`` between trainable logits (B, T-1, V)
-        and a target, logits of that shape or a top-k signal (then on its
-        k + 1 outcomes, see :func:`~distillkit.engine.losses.masked_token_divergences`),
-        averaged over response tokens (nats per token)."""
+        """Registered divergence ``name`` between trainable logits (dense (B, T-1, V) or response logits)
+        and a target (the same, or a top-k signal, then on its k + 1 outcomes, see
+        :func:`~distillkit.engine.losses.masked_token_divergences`), averaged over response tokens (nats
+        per token).  The target gets a gradient only if it carries one."""
 
-    def token_divergences(self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal,
-                          batch: TrainBatch, *,
+    def token_divergences(self, name: str, trainable: torch.Tensor | ResponseLogits,
+                          target: torch.Tensor | ResponseLogits | TopKSignal, batch: TrainBatch, *,
                           temperature: float = 1.0, **params: float) -> torch.Tensor:
         """The same divergence at each response token, (N,) nats, in row-major
         order of ``batch.label_mask`` (e.g. per-token weights or advantages)."""
+
+    def loss(self, trainable: torch.Tensor | ResponseLogits, batch: TrainBatch,
+             terms: dict[str, LossTerm]) -> dict[str, torch.Tensor]:
+        """Several averaged terms on one trainable side in one pass over its logits (e.g. KD's
+        ``(1 - r) * CE + r * KL``): ``loss`` is the sum of each :class:`~distillkit.api.LossTerm`'s weight
+        times its mean, with gradients to the trainable side; each term's mean, detached, is under its
+        name (for the log)."""
 
     def schedule(self, name: str, **params: float) -> float:
         """Registered schedule ``name`` at the step being taken, k = step + 1 of K.

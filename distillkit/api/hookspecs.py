@@ -3,7 +3,7 @@
 A plugin is any module (or object) that implements some of the hooks below,
 decorated with ``@distillkit.hookimpl``.  distillkit finds plugins through the
 entry-point group ``distillkit``; its own built-in methods, divergences,
-schedules, alignments, sources, teacher adapters, datasets and recipes are registered
+schedules, alignments, generation backends, sources, teacher adapters, datasets and recipes are registered
 through that very group, so built-ins and third-party plugins are equals::
 
     # pyproject.toml of your package
@@ -28,7 +28,9 @@ A run is then assembled by name (never by ``if method == ...``):
 5. **schedules** (``distillkit_register_schedules``): coefficients as a
    function of the optimizer step ``k`` and the total ``K``;
 6. **alignments** (``distillkit_register_alignments``): a teacher with
-   another tokenizer than the student's (``[teacher_signal] alignment``).
+   another tokenizer than the student's (``[teacher_signal] alignment``);
+7. a **generation backend** (``distillkit_register_generation_backends``):
+   the sampler every sample is drawn with (``[generation] backend``).
 
 The component types (``Method``, ``Divergence``, ...) are defined in
 :mod:`distillkit.api.components`; their docstrings give the exact contracts.
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
         DataFormat,
         DatasetSpec,
         Divergence,
+        GenerationBackend,
         Method,
         Schedule,
         SourceFactory,
@@ -147,6 +150,16 @@ def distillkit_register_alignments() -> list[VocabularyAlignment]:
         ``[teacher_signal] alignment = NAME``; the pipeline calls ``build(teacher_tokenizer,
         student_tokenizer)`` once per run, and ``run.teacher_signal(batch)`` then gives the teacher's
         signal over the student's vocabulary (a :class:`~distillkit.api.TopKSignal` with ``valid``).
+    """
+
+
+@hookspec
+def distillkit_register_generation_backends() -> list[GenerationBackend]:
+    """Register sampler implementations.
+
+    :return: :class:`~distillkit.api.GenerationBackend` objects.  A recipe picks one with
+        ``[generation] backend = NAME``; every sample of a run (``run.sample``) and of an evaluation is
+        drawn through it.
     """
 
 

@@ -147,12 +147,78 @@ def alpha_beta(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: f
     return (own - mixed).sum(-1) / (alpha * beta)  # -inf columns give exp(-inf) = 0, with zero gradient
 
 
+# --- closed-form gradients ----------------------------------------------------------
+# With Q = softmax(z), a row value D(Q) has dD/dz = Q * (g - <Q, g>) for g = dD/dQ (constants in g cancel).
+# Each function below gives g for finite inputs; the core calls the divergence's ``gradient`` only then.
+
+
+def _through_softmax(trainable_logp: torch.Tensor, dvalue_dq: torch.Tensor) -> torch.Tensor:
+    q = trainable_logp.exp()
+    return q * (dvalue_dq - (q * dvalue_dq).sum(-1, keepdim=True))
+
+
+def _with_gradient(per_token: Callable[..., torch.Tensor], dvalue_dq: Callable[..., torch.Tensor]
+                   ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The ``Divergence.gradient`` of ``per_token``, given dD/dQ (N, V)."""
+    def gradient(trainable_logp: torch.Tensor, target_logp: torch.Tensor, **params: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        values = per_token(trainable_logp, target_logp, **params)
+        return values, _through_softmax(trainable_logp, dvalue_dq(trainable_logp, target_logp, **params))
+    return gradient
+
+
+def _forward_kl_gradient(trainable_logp: torch.Tensor, target_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(P || Q) and its gradient Q - P with respect to the trainable logits."""
+    return forward_kl(trainable_logp, target_logp), trainable_logp.exp().sub_(target_logp.exp())
+
+
+def _reverse_kl_gradient(trainable_logp: torch.Tensor, target_logp: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(Q || P) = <Q, g> and its gradient Q (g - <Q, g>), g = log Q - log P."""
+    q, g = trainable_logp.exp(), trainable_logp - target_logp
+    values = (q * g).sum(-1)
+    return values, g.sub_(values[:, None]).mul_(q)
+
+
+def _jsd_gradient(trainable_logp: torch.Tensor, target_logp: torch.Tensor, beta: float = 0.5
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """JSD_beta and its gradient Q (g - <Q, g>), g = (1 - beta) (log Q - log M) (the P / M terms of dD/dQ
+    cancel); the value is beta <P, log P - log M> + <Q, g>."""
+    if beta == 0.0:
+        return _forward_kl_gradient(trainable_logp, target_logp)
+    if beta == 1.0:
+        return _reverse_kl_gradient(trainable_logp, target_logp)
+    log_m = torch.logaddexp(target_logp + math.log(beta), trainable_logp + math.log1p(-beta))
+    p_term = (target_logp - log_m).mul_(target_logp.exp()).sum(-1)
+    g = torch.sub(trainable_logp, log_m, out=log_m).mul_(1.0 - beta)  # log_m is not needed past here
+    q = trainable_logp.exp()
+    q_g = (q * g).sum(-1)
+    return beta * p_term + q_g, g.sub_(q_g[:, None]).mul_(q)
+
+
+def _skew_forward_dq(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """-(1 - alpha) P / M, M = alpha P + (1 - alpha) Q."""
+    m = alpha * target_logp.exp() + (1.0 - alpha) * trainable_logp.exp()
+    return -(1.0 - alpha) * target_logp.exp() / m
+
+
+def _skew_reverse_dq(trainable_logp: torch.Tensor, target_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """log Q - log M - alpha Q / M, M = (1 - alpha) P + alpha Q."""
+    m = (1.0 - alpha) * target_logp.exp() + alpha * trainable_logp.exp()
+    return trainable_logp - m.log() - alpha * trainable_logp.exp() / m
+
+
 BUILTIN_DIVERGENCES = [
-    Divergence("forward_kl", "KL(P||Q), target P, trainable Q (mode-covering)", forward_kl),
-    Divergence("reverse_kl", "KL(Q||P), trainable Q, target P (mode-seeking)", reverse_kl),
-    Divergence("jsd", "generalized JSD(beta); beta=0 forward KL, beta=1 reverse KL", generalized_jsd, {"beta": 0.5}),
-    Divergence("skew_forward_kl", "KL(P || aP+(1-a)Q) (DistiLLM SKL)", skew_forward_kl, {"alpha": 0.1}),
-    Divergence("skew_reverse_kl", "KL(Q || (1-a)P+aQ) (DistiLLM SRKL)", skew_reverse_kl, {"alpha": 0.1}),
+    Divergence("forward_kl", "KL(P||Q), target P, trainable Q (mode-covering)", forward_kl,
+               gradient=_forward_kl_gradient),
+    Divergence("reverse_kl", "KL(Q||P), trainable Q, target P (mode-seeking)", reverse_kl,
+               gradient=_reverse_kl_gradient),
+    Divergence("jsd", "generalized JSD(beta); beta=0 forward KL, beta=1 reverse KL", generalized_jsd, {"beta": 0.5},
+               gradient=_jsd_gradient),
+    Divergence("skew_forward_kl", "KL(P || aP+(1-a)Q) (DistiLLM SKL)", skew_forward_kl, {"alpha": 0.1},
+               gradient=_with_gradient(skew_forward_kl, _skew_forward_dq)),
+    Divergence("skew_reverse_kl", "KL(Q || (1-a)P+aQ) (DistiLLM SRKL)", skew_reverse_kl, {"alpha": 0.1},
+               gradient=_with_gradient(skew_reverse_kl, _skew_reverse_dq)),
     Divergence("tvd", "total variation distance 0.5*sum|P-Q|", total_variation),
     Divergence("ab", "alpha-beta divergence (ABKD); (1,0) forward KL, (0,1) reverse KL", alpha_beta,
                {"alpha": 0.2, "beta": 0.7}),

@@ -134,6 +134,13 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
             registry().alignments.require(alignment, "alignment")
         except OptionError as error:
             raise option_error("teacher_signal.alignment", error) from None
+    try:
+        registry().generation_backends.require(recipe.generation.backend, "backend")
+    except OptionError as error:
+        raise option_error("generation.backend", error) from None
+    reason = registry().generation_backends[recipe.generation.backend].unavailable()
+    if reason is not None:
+        raise DistillkitError(f"generation.backend = '{recipe.generation.backend}' cannot run here: {reason}")
     for section in ("teacher", "student"):
         sft = getattr(recipe, section).sft
         if sft is not None:

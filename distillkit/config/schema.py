@@ -196,7 +196,8 @@ class GenerationConfig(Section):
     ``max_new_tokens = 0`` means up to ``data.max_length`` in total;
     ``no_repeat_ngram_size`` > 0 bans repeating an n-gram of that many
     tokens (0: off; final evaluation uses ``[eval]``'s); ``batch_size``:
-    prompts per sampler call."""
+    prompts per sampler call; ``backend``: the registered generation backend
+    that draws the samples (:class:`~distillkit.api.GenerationBackend`)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -204,6 +205,7 @@ class GenerationConfig(Section):
     max_new_tokens: int = 0
     no_repeat_ngram_size: int = added_later(0)
     batch_size: int = 32
+    backend: str = added_later("transformers")
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "be >= 0 (0: greedy)",

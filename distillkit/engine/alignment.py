@@ -31,7 +31,7 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from distillkit.api.batch import TopKSignal, TrainBatch, collate
-from distillkit.engine.losses import DEFAULT_CHUNK_SIZE, log_rest
+from distillkit.engine.losses import MAX_CHUNK_ROWS, log_rest
 
 SPECIAL_ROLES = ("eos_token_id", "pad_token_id", "bos_token_id")
 """Special tokens mapped by role, teacher to student, in this order of precedence."""
@@ -186,7 +186,7 @@ def aligned_fraction(alignment: torch.Tensor, label_mask: torch.Tensor) -> float
 
 @torch.no_grad()
 def student_signal(teacher_logits: torch.Tensor, alignment: torch.Tensor, vocabulary_map: VocabularyMap, k: int,
-                   *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> TopKSignal:
+                   *, chunk_size: int = MAX_CHUNK_ROWS) -> TopKSignal:
     """The teacher's distributions as a :class:`TopKSignal` over the student's vocabulary, (B, T_s - 1, k').
 
     ``teacher_logits`` (B, T_t - 1, V_t), any float dtype (columns past the teacher's tokens are padding);

@@ -25,9 +25,9 @@ from distillkit.api import TokenizedExample
 from distillkit.config import GenerationConfig, Recipe
 from distillkit.config.run_folder import BEST, recipe_of_model
 from distillkit.config.schema import PromptSource
-from distillkit.engine.sampling import sample
 from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.files import cache_root, files_fingerprint, fingerprint, write_json_atomic
+from distillkit.registry import registry
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -82,7 +82,8 @@ def generate(
             chunk_settings = settings
         else:
             randomness, chunk_settings = {"generator": generator}, settings.within(prompts, max_length)
-        outputs = sample(model, prompts, chunk_settings, eos_token_id=tokenizer.eos_token_id,
+        outputs = registry().generation_backends[settings.backend].sample(
+            model, prompts, chunk_settings, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), **randomness)
         for index, output in zip(chunk, outputs):
             responses[index] = output
@@ -242,8 +243,12 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
 
 def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
     """The sampling settings in an eval cell's key: what decides the samples
-    (the prompts per sampler call are the setup's own ``batch_size``)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+    (the prompts per sampler call are the setup's own ``batch_size``; the
+    backend only when it is not the default, so cells keyed before the
+    backend hook are found again)."""
+    default_backend = GenerationConfig().backend
+    return {k: v for k, v in dataclasses.asdict(settings).items()
+            if k != "batch_size" and not (k == "backend" and v == default_backend)}
 
 
 def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:

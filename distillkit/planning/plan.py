@@ -71,14 +71,18 @@ and stages (``Stage.footprint``); a component without one adds none.
   dropout (1 B per value on CUDA, the activation's bytes on CPU), and on CPU,
   where attention dropout falls back to the math kernel, ``8 heads T`` bytes
   per token and layer for the attention probabilities and mask.
-- logits: (B, T, V) fp32 copies, response-position rows (N, V) and the chunked
-  loss's rows (``min(N, 1024)``, V), counted at a stage's peak as measured
-  with the PyTorch profiler on the tiny recipe: 2 full copies for a teacher-free
-  stage; 2 full, 3 gathered and 6 chunk copies for a student stage with a
-  teacher (KD: 2/3/5, GKD: 2/2/6); 3/4/5 for a stage training the teacher
-  adapter (PromptKD's prompt step); plus the stage's *declared* extra copies
-  (MiniLLM's LM batch: 2 full, 3 gathered).  The planner takes N = B T
-  (every position a response token).
+- logits: only the response positions reach the output layers, a chunk of
+  ``min(N, 2^22 / V)`` rows at a time (:mod:`distillkit.engine.losses`), so
+  a stage holds chunk copies (fp32, chunk x V) and no (B, T, V) logits:
+  4 for a teacher-free stage (SFT), 8 for a student stage with a teacher
+  (KD: 8, GKD: 7), 9 for a stage training the teacher adapter (PromptKD's
+  prompt step, two terms), as measured (peak resident set, glibc mmap
+  threshold 64 KiB) on 4,096 positions at V = 8,192; plus the student's
+  output-layer gradient (V x h fp32), computed with the loss and held until
+  backward; plus the stage's *declared* full (B, T, V) and gathered (N, V)
+  copies for what it keeps dense (TAID's interpolated target, MiniLLM's
+  stored teacher logits).  The planner takes N = B T (every position a
+  response token).
 - KV cache while sampling (*declared* by the source: the models it samples
   from and with what batch, e.g. one micro-batch, or
   ``generation.batch_size``): ``batch x length x L x 2 kv`` values per
@@ -92,9 +96,9 @@ and stages (``Stage.footprint``); a component without one adds none.
   stage, (12 k + 4) B per position (int64 ids, fp32 values and tail); the
   stage's logits rows stay those of a stage with a teacher, an upper bound
   (the signal replaces the teacher's logits of the source's view).  Before
-  training the cache is filled: the teacher's logits of a micro-batch with
-  no gradients, 1 full and 2 gathered copies (log-softmax, the tail's
-  masked copy).  On disk the cache holds k (index + 2) + 4 B per response
+  training the cache is filled: the teacher's logits of a micro-batch's
+  response positions with no gradients, 3 gathered copies (the logits, their
+  log-softmax, the tail's masked copy).  On disk the cache holds k (index + 2) + 4 B per response
   token (index: 1, 2 or 4 B by vocabulary size).
 - with ``[teacher_signal] alignment`` (a teacher with its own tokenizer):
   no fill and no cache; in a stage, the signal over the student's
@@ -271,11 +275,11 @@ def _student_rows(student: ModelShape, layout: Layout, autocast: bool) -> tuple[
     return [weights, optimizer], Row("gradients", "", grads, 0.0, grad_note)
 
 
-def _logits_copies(trains: str, has_teacher: bool) -> tuple[int, int, int]:
-    """(full, gathered, chunk) logits copies of the core at a stage's peak (module docstring)."""
+def _chunk_copies(trains: str, has_teacher: bool) -> int:
+    """The fused loss path's chunk copies of logits at a stage's peak (module docstring)."""
     if trains != "student":
-        return 3, 4, 5
-    return (2, 3, 6) if has_teacher else (2, 0, 0)
+        return 9
+    return 8 if has_teacher else 4
 
 
 def _footprint(part: Component | None, plan: PlanContext, default: Any) -> Any:
@@ -301,7 +305,7 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     ``sequence_length`` (default ``data.max_length``) and ``response_tokens``
     per micro-batch (default: every position) replace the worst case, e.g. to
     compare with a measured run."""
-    from distillkit.engine.losses import DEFAULT_CHUNK_SIZE
+    from distillkit.engine.losses import default_chunk_rows
 
     method = registry().methods[method_name]
     run = resolve_run(recipe, method_name)
@@ -348,15 +352,15 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
     # each stage's forward/backward; the largest is shown
     sequence = sequence_length or recipe.data.max_length
     response = response_tokens if response_tokens is not None else micro * sequence
-    chunk = min(response, DEFAULT_CHUNK_SIZE)
     aligned = teacher is not None and recipe.teacher_signal.alignment is not None
     # a teacher with its own tokenizer: its logits are the aligned-signal row, the stage's copies are the student's
     vocab = student.vocab if aligned else max(student.vocab, teacher.vocab if teacher is not None else 0)
+    chunk = min(response, default_chunk_rows(vocab))
     stages = []
     for stage in method.stages:
         declared = stage.footprint(context, run.options) if stage.footprint is not None else StageFootprint()
-        full, gathered, chunks = _logits_copies(stage.trains, teacher is not None)
-        full, gathered = full + declared.extra_logits.full, gathered + declared.extra_logits.gathered
+        chunks = _chunk_copies(stage.trains, teacher is not None)
+        full, gathered = declared.extra_logits.full, declared.extra_logits.gathered
         if stage.trains == "student":
             graphs = declared.student_graphs
             per_token = activation_bytes_per_token(
@@ -365,7 +369,10 @@ def estimate(recipe: Recipe, method_name: str, layout: Layout, *, shapes: dict[s
             batches = f"{graphs} batches x " if graphs > 1 else ""
             stage_rows = [dataclasses.replace(gradients, when=FORWARD_BACKWARD),
                           Row("activations", FORWARD_BACKWARD, graphs * micro * sequence * per_token / MiB, 0.0,
-                              f"student: {batches}{micro} x {sequence} tokens x {per_token / 1024:,.0f} KiB")]
+                              f"student: {batches}{micro} x {sequence} tokens x {per_token / 1024:,.0f} KiB"),
+                          Row("output-layer gradient", FORWARD_BACKWARD, student.vocab * student.hidden * 4 / MiB,
+                              0.0, f"computed with the loss, held until backward: {student.vocab:,} x "
+                                   f"{student.hidden:,} x 4 B")]
         else:
             tokens = sequence + adapter.extra_positions
             per_token = activation_bytes_per_token(
@@ -413,8 +420,8 @@ def _teacher_signal_rows(k: int, micro: int, sequence: int, response: int, vocab
     stored = k * (index_dtype(vocab).itemsize + 2) + 4
     return [Row("teacher signal", FORWARD_BACKWARD, positions * (12 * k + 4) / MiB, 0.0,
                 f"top-{k}: {positions:,} positions x (12 x {k} + 4) B; on disk {stored} B per response token"),
-            Row("logits", TOP_K_FILL, (positions + 2 * response) * vocab * 4 / MiB, 0.0,
-                f"teacher, no gradients: (1 x {positions:,} + 2 x {response:,}) rows x {vocab:,} x 4 B")]
+            Row("logits", TOP_K_FILL, 3 * response * vocab * 4 / MiB, 0.0,
+                f"teacher, no gradients: 3 x {response:,} response rows x {vocab:,} x 4 B")]
 
 
 def _sampling_rows(source: SourceFootprint, max_length: int, student: ModelShape, student_bytes: int,

@@ -14,6 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from distillkit.api import (
     CappedEnding,
     ExampleBatch,
+    LossTerm,
+    ResponseLogits,
     SamplerRule,
     Schedule,
     TeacherAdapter,
@@ -24,8 +26,15 @@ from distillkit.api import (
 )
 from distillkit.config import RunConfig
 from distillkit.data.tokenization import tokenize
-from distillkit.engine.losses import masked_cross_entropy, masked_divergence, masked_token_divergences
-from distillkit.engine.sampling import sample
+from distillkit.engine.losses import (
+    Logits,
+    Target,
+    masked_cross_entropy,
+    masked_divergence,
+    masked_objective,
+    masked_token_divergences,
+)
+from distillkit.engine.output_layer import deferred_output_layer, defers_exactly
 from distillkit.errors import DistillkitError
 from distillkit.files import fingerprint
 from distillkit.registry import registry
@@ -94,6 +103,7 @@ class Run:
     teacher_tokenizer: Any = None
     aligner: VocabularyAligner | None = None
     aligned: list[int] = field(default_factory=lambda: [0, 0])
+    defers_head: dict[int, bool] = field(default_factory=dict)
 
     @property
     def options(self) -> Any:
@@ -110,6 +120,37 @@ class Run:
         out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return out.logits[:, :-1, : self.vocab_size]
 
+    def student_response_logits(self, batch: TrainBatch) -> ResponseLogits:
+        """The student's logits at ``batch.label_mask`` (N, V), unmaterialised: only these positions will
+        reach its output layer, a chunk at a time, in the loss helpers."""
+        return self._response_logits(
+            self.student, lambda: self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+            batch, self.vocab_size)
+
+    def teacher_response_logits(self, batch: TrainBatch, *, grad: bool = False, adapted: bool = True
+                                ) -> ResponseLogits:
+        """:meth:`teacher_logits` at ``batch.label_mask`` (N, V), unmaterialised like
+        :meth:`student_response_logits`."""
+        if self.teacher is None:
+            raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
+        return self._response_logits(self.teacher.sampling_inputs()[0],
+                                     lambda: self.teacher.logits(batch, grad=grad, adapted=adapted), batch,
+                                     self.teacher_vocab_size, sliced=True)
+
+    def _response_logits(self, model: torch.nn.Module, forward: Callable[[], torch.Tensor], batch: TrainBatch,
+                         vocab_size: int, *, sliced: bool = False) -> ResponseLogits:
+        """``forward()``'s logits at the label positions; its output layer deferred when that is exact for
+        ``model`` (checked once per model).  ``sliced``: ``forward`` already aligns with the labels (T-1)."""
+        mask = batch.label_mask
+        if id(model) not in self.defers_head:
+            self.defers_head[id(model)] = defers_exactly(model, batch.input_ids[:1, :8])
+        if not self.defers_head[id(model)]:
+            logits = forward() if sliced else forward()[:, :-1]
+            return ResponseLogits(logits[mask], None, vocab_size)
+        with deferred_output_layer(model) as head:
+            hidden = forward() if sliced else forward()[:, :-1]
+        return ResponseLogits(hidden[mask], head, vocab_size)
+
     @property
     def teacher_vocab_size(self) -> int:
         """The teacher's tokenizer size: its own with an alignment, else :attr:`vocab_size`."""
@@ -122,15 +163,15 @@ class Run:
             raise RuntimeError(f"method '{self.config.method}' declares no teacher adapter")
         return self.teacher.logits(batch, grad=grad, adapted=adapted)[..., : self.teacher_vocab_size]
 
-    def teacher_signal(self, batch: TrainBatch) -> torch.Tensor | TopKSignal:
+    def teacher_signal(self, batch: TrainBatch) -> ResponseLogits | TopKSignal:
         """The batch's cached top-k teacher signal if the trainer attached one; with an alignment, the teacher's
         top-k signal over the student's vocabulary (B, T-1, k) from its logits of the batch re-tokenized, with
         ``valid`` (a teacher view longer than ``data.max_length`` is cut there, its positions past the cut left
-        out); else the (adapted) teacher's logits (B, T-1, V)."""
+        out); else the (adapted) teacher's :meth:`teacher_response_logits`."""
         if batch.teacher_signal is not None:
             return batch.teacher_signal
         if self.aligner is None:
-            return self.teacher_logits(batch)
+            return self.teacher_response_logits(batch)
         view, alignment = self.aligner.teacher_view(batch)
         room = self.config.recipe.data.max_length  # a finer teacher tokenization may be longer: cut, unaligned past it
         if view.input_ids.shape[1] > room:
@@ -141,27 +182,30 @@ class Run:
         self.aligned[1] += int(batch.label_mask.sum())
         return signal
 
-    def cross_entropy(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+    def cross_entropy(self, logits: Logits, batch: TrainBatch) -> torch.Tensor:
         """Negative log-likelihood of the batch's response tokens (nats/token)."""
         return masked_cross_entropy(logits, batch.labels, batch.label_mask)
 
-    def divergence(
-        self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
-        *, temperature: float = 1.0, **params: float,
-    ) -> torch.Tensor:
+    def divergence(self, name: str, trainable: Logits, target: Target, batch: TrainBatch, *,
+                   temperature: float = 1.0, **params: float) -> torch.Tensor:
         """Registered divergence ``name`` between the trainable logits and the
-        target (logits (B, T-1, V) or a top-k signal), averaged over response tokens."""
+        target (logits (B, T-1, V), response logits or a top-k signal), averaged over response tokens."""
         return masked_divergence(registry().divergences[name], trainable, target, batch.label_mask,
                                  temperature=temperature, **params)
 
-    def token_divergences(
-        self, name: str, trainable: torch.Tensor, target: torch.Tensor | TopKSignal, batch: TrainBatch,
-        *, temperature: float = 1.0, **params: float,
-    ) -> torch.Tensor:
+    def token_divergences(self, name: str, trainable: Logits, target: Target, batch: TrainBatch, *,
+                          temperature: float = 1.0, **params: float) -> torch.Tensor:
         """Registered divergence ``name`` at each response token (N,), in nats,
         in row-major order of ``batch.label_mask``; its mean is :meth:`divergence`."""
         return masked_token_divergences(registry().divergences[name], trainable, target, batch.label_mask,
                                         temperature=temperature, **params)
+
+    def loss(self, trainable: Logits, batch: TrainBatch, terms: dict[str, LossTerm]) -> dict[str, torch.Tensor]:
+        """``loss``: the sum of the terms' weighted means over the response tokens, and each term's mean
+        (detached) under its name, computed in one pass over the trainable logits (see
+        :func:`distillkit.engine.losses.masked_objective`)."""
+        return masked_objective(trainable, terms, batch.labels, batch.label_mask,
+                                lambda name: registry().divergences[name])
 
     def sample(
         self, model: torch.nn.Module, prompts: list[list[int]], *, prefix_embeds: torch.Tensor | None = None,
@@ -192,11 +236,12 @@ class Run:
         if isinstance(model, DistributedDataParallel):  # no gradients here: skip DDP's bookkeeping
             model = model.module
         tokenizer = self.tokenizer
-        responses = sample(model, prompts, self.config.recipe.generation, max_length=room,
-                           eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
-                           prefix_embeds=prefix_embeds, guide_model=guide_model, rule=rule,
-                           keep_going=self.keep_going, capped_ending=capped_ending)
+        settings = self.config.recipe.generation
+        responses = registry().generation_backends[settings.backend].sample(
+            model, prompts, settings, max_length=room, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size, row_keys=row_keys,
+            prefix_embeds=prefix_embeds, guide_model=guide_model, rule=rule, keep_going=self.keep_going,
+            capped_ending=capped_ending)
         self.generated_tokens += sum(len(r) for r in responses)
         return responses
 

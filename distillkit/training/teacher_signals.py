@@ -83,7 +83,7 @@ class TeacherSignals:
 def top_k_rows(run: Run, batch: TrainBatch, k: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The teacher's top-k signal of each row at its label positions, on the CPU."""
     with torch.no_grad():
-        logp = torch.log_softmax(run.teacher_logits(batch)[batch.label_mask].float(), dim=-1)
+        logp = torch.log_softmax(run.teacher_response_logits(batch).materialize().float(), dim=-1)
         values, indices = logp.topk(k, dim=-1)
         tail = log_rest(logp, indices).squeeze(-1)
     counts = batch.label_mask.sum(-1).tolist()

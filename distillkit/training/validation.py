@@ -51,7 +51,7 @@ class Validation:
             chunk = examples[start : start + size]
             batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], run.tokenizer.pad_token_id)
             batch = batch.to(self.accelerator.device)
-            total += float(run.cross_entropy(run.student_logits(batch), batch)) * batch.num_response_tokens
+            total += float(run.cross_entropy(run.student_response_logits(batch), batch)) * batch.num_response_tokens
             tokens += batch.num_response_tokens
         return total, tokens
 

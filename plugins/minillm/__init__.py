@@ -112,7 +112,7 @@ def advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, block
 def minillm_loss(run: StepContext, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     opts: MiniLLMOptions = run.options
     mask = batch.label_mask
-    student = run.student_logits(batch)
+    student = run.student_response_logits(batch)
     logq = masked_token_logprobs(student, batch.labels, mask)
     old, teacher = batch.old_logprobs[mask], batch.teacher_logprobs[mask]
     w = (old - log_mixture(teacher, old, opts.teacher_mix)).exp()
@@ -122,7 +122,7 @@ def minillm_loss(run: StepContext, batch: RolloutBatch) -> dict[str, torch.Tenso
                            block_width=data.max_length - data.max_prompt_length if opts.whiten_padding else 0)
     clipped = ratio.clamp(1 - opts.clip_ratio, 1 + opts.clip_ratio)
     pg = torch.maximum(-advantage * ratio, -advantage * clipped).mean()
-    teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else run.teacher_logits(batch)
+    teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else run.teacher_response_logits(batch)
     single_step = run.divergence("reverse_kl", student, teacher_logits, batch)
     pt = kd_loss(run, batch.lm)
     loss = pg + (single_step if opts.single_step else 0.0) + opts.lm_coef * pt["loss"]
@@ -131,10 +131,10 @@ def minillm_loss(run: StepContext, batch: RolloutBatch) -> dict[str, torch.Tenso
 
 
 def minillm_footprint(plan: PlanContext, options: MiniLLMOptions) -> StageFootprint:
-    """Beyond a KD stage's logits, the step's LM batch ``[x ‖ y*]`` (L_PT):
-    2 full and 3 gathered logits copies more and a second student graph
-    (measured with the PyTorch profiler on the tiny recipe)."""
-    return StageFootprint(extra_logits=Logits(full=2, gathered=3), student_graphs=2)
+    """Beyond a KD stage's chunks: the rollouts' stored teacher logits, scattered to (B, T, V) and gathered
+    back for the single-step term (1 full, 1 gathered copy), and the step's LM batch ``[x ‖ y*]`` (L_PT), a
+    second student graph."""
+    return StageFootprint(extra_logits=Logits(full=1, gathered=1), student_graphs=2)
 
 
 @hookimpl

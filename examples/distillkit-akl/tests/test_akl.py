@@ -121,14 +121,14 @@ def test_mu_outside_zero_one_is_refused():
 
 class StepContextStub:
     """The members of ``distillkit.api.StepContext`` that ``akl_loss`` calls, written out naively:
-    fixed logits, the mean NLL and the mean registered divergence over response tokens."""
+    fixed logits, the mean NLL and the mean registered divergence over response tokens, and their weighted sum."""
 
     def __init__(self, options: AKLOptions, student: torch.Tensor, teacher: torch.Tensor) -> None:
         self.options, self._student, self._teacher = options, student, teacher
         self._divergences = {d.name: d for d in distillkit_akl.distillkit_register_divergences()}
 
-    def student_logits(self, batch: TrainBatch) -> torch.Tensor:
-        return self._student
+    def student_response_logits(self, batch: TrainBatch) -> torch.Tensor:
+        return self._student  # dense logits stand in: the loss helpers take both
 
     def teacher_signal(self, batch: TrainBatch) -> torch.Tensor:
         return self._teacher
@@ -140,6 +140,12 @@ class StepContextStub:
         divergence = self._divergences[name]
         rows = [torch.log_softmax(x[batch.label_mask].float() / temperature, -1) for x in (trainable, target)]
         return divergence.per_token(*rows, **{**divergence.params, **params}).mean()
+
+    def loss(self, trainable, batch, terms) -> dict[str, torch.Tensor]:
+        means = {name: self.cross_entropy(trainable, batch) if term.divergence is None else self.divergence(
+            term.divergence, trainable, term.target, batch, temperature=term.temperature, **term.params)
+            for name, term in terms.items()}
+        return {"loss": sum(terms[name].weight * mean for name, mean in means.items()), **means}
 
 
 def test_the_loss_and_its_gradients_follow_lmops_kd_with_akl():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillkit.api import Divergence, Method, Stage, StepContext, TrainBatch, hookimpl, require
+from distillkit.api import Divergence, LossTerm, Method, Stage, StepContext, TrainBatch, hookimpl, require
 from distillkit.engine.losses import kl_divergence
 
 # --- the divergence -------------------------------------------------------------------------------------
@@ -73,11 +73,10 @@ class AKLOptions:
 def akl_loss(run: StepContext, batch: TrainBatch) -> dict[str, torch.Tensor]:
     """(1 - kd_ratio) * CE + kd_ratio * AKL, each in nats per response token."""
     opts: AKLOptions = run.options
-    student = run.student_logits(batch)
-    teacher = run.teacher_signal(batch)  # logits, or a cached top-k signal ([teacher_signal] top_k)
-    ce = run.cross_entropy(student, batch)
-    akl = run.divergence("akl", student, teacher, batch, temperature=opts.loss_temperature, mu=opts.mu)
-    return {"loss": (1 - opts.kd_ratio) * ce + opts.kd_ratio * akl, "ce": ce, "akl": akl}
+    teacher = run.teacher_signal(batch)  # response logits, or a cached top-k signal ([teacher_signal] top_k)
+    return run.loss(run.student_response_logits(batch), batch, {
+        "ce": LossTerm(1 - opts.kd_ratio),
+        "akl": LossTerm(opts.kd_ratio, "akl", teacher, temperature=opts.loss_temperature, params={"mu": opts.mu})})
 
 
 # --- the registrations (the hooks distillkit calls at start-up) ------------------------------------------
