@@ -51,6 +51,7 @@ def make_floor(student, teacher, tokenizer, prompt, *, max_new_tokens: int, max_
     eval mode as the target), both with reverse KLs on the response tokens and c_k = (K - k) / K, k 1-based."""
     import torch
 
+    from distillkit.api import collate
     from distillkit.config import GenerationConfig
     from distillkit.engine.sampling import sample
     from distillkit.files import fingerprint
@@ -71,18 +72,14 @@ def make_floor(student, teacher, tokenizer, prompt, *, max_new_tokens: int, max_
                            pad_token_id=pad, vocab_size=len(tokenizer), max_length=max_length - length,
                            row_keys=[int(fingerprint(seed, step, p), 16) for p in prompts], capped_ending="eos")
         sampling = time.perf_counter() - started
-        seqs = [p + r for p, r in zip(prompts, responses)]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(s))
-                             for p, r, s in zip(prompts, responses, seqs)], dtype=torch.bool)[:, 1:]
-        prompted_mask = torch.cat([torch.ones(len(seqs), length, dtype=attention.dtype), attention], 1)
+        batch = collate(prompts, responses, pad)  # right-padded [x ‖ y] with its response mask
+        ids, attention, mask = batch.input_ids, batch.attention_mask, batch.label_mask
+        prompted_mask = torch.cat([torch.ones(len(prompts), length, dtype=attention.dtype), attention], 1)
 
         def prompted(grad: bool) -> torch.Tensor:
             teacher.train(grad)  # dropout in the prompt step, as the reference
             with torch.set_grad_enabled(grad):
-                embeds = torch.cat([prompt.expand(len(seqs), -1, -1), teacher.get_input_embeddings()(ids)], 1)
+                embeds = torch.cat([prompt.expand(len(prompts), -1, -1), teacher.get_input_embeddings()(ids)], 1)
                 logits = teacher(inputs_embeds=embeds, attention_mask=prompted_mask).logits[:, length:-1][mask]
             teacher.eval()
             return logits

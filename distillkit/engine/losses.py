@@ -316,9 +316,9 @@ def weighted_sum(trainable: ResponseLogits, terms: Sequence[tuple[Term, torch.Te
     def compute() -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        linear = _plain_linear(trainable.head)
         for start, stop in _chunk_bounds(trainable.num_rows, chunk_size):
             rows = hidden[start:stop].detach()
-            linear = _plain_linear(trainable.head)
             with torch.set_grad_enabled(not linear and trainable.head is not None):
                 head_input = rows.requires_grad_(wants_hidden) if not linear and trainable.head is not None else rows
                 z = ResponseLogits(head_input, trainable.head, trainable.vocab_size).rows()
@@ -381,7 +381,7 @@ def masked_token_divergences(
     return per_row_values(response_rows(trainable_logits, mask), term, chunk_size)
 
 
-def masked_objective(trainable_logits: Logits, terms: Mapping[str, LossTerm], labels: torch.Tensor,
+def masked_objective(trainable_logits: Logits, terms: Mapping[str, LossTerm], labels: torch.Tensor | None,
                      mask: torch.Tensor, resolve: Callable[[str], Divergence], *,
                      chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """``loss`` = sum of ``weight * mean`` over ``terms`` (each a cross-entropy of ``labels`` (B, T) or a
@@ -422,8 +422,7 @@ def masked_divergence(
     mask is empty.
     """
     term = LossTerm(divergence=divergence.name, target=target, temperature=temperature, params=params)
-    labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)  # unused: no cross-entropy term
-    return masked_objective(trainable_logits, {"value": term}, labels, mask, lambda name: divergence,
+    return masked_objective(trainable_logits, {"value": term}, None, mask, lambda name: divergence,
                             chunk_size=chunk_size)["loss"]
 
 
