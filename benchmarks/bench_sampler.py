@@ -1,6 +1,10 @@
 """Throughput of distillkit's sampler against 🤗 ``generate``, side by side.
 
     python benchmarks/bench_sampler.py [--repeats N] [--quick]
+    python benchmarks/bench_sampler.py --smollm2 [--prompts 64] [--threads 2]
+
+``--smollm2`` measures the evaluation protocol on real weights instead (see
+:func:`smollm2_comparison`).  Otherwise:
 
 Both arms sample the same left-padded batch of real Dolly validation prompts
 (top-k 0, top-p 1.0, temperature 1.0, ``max_new_tokens`` N) from GPT-2
@@ -27,6 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+
+from distillkit.api import left_pad  # noqa: E402
+from distillkit.files import fingerprint  # noqa: E402
 
 SIZES = {  # name: GPT-2 config
     "L4-d256 (tiny teacher)": {"n_layer": 4, "n_embd": 256, "n_head": 4},
@@ -88,12 +95,173 @@ def compare(model, prompts, tokenizer, n_new: int, repeats: int, seed: int) -> d
     return {"times": times, "steps": steps, "identical": identical, "lengths": lengths}
 
 
+def _machine_bounds(threads: int) -> tuple[float, float]:
+    """This machine's fp32 matmul rate (GFLOP/s, a 2048^3 product) and copy
+    bandwidth (GB/s read + written, a 512 MiB clone), best of 5 each."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    big = torch.empty(2**27).fill_(1.0)
+    matmul, copy = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        matmul.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        big.clone()
+        copy.append(time.perf_counter() - started)
+    return 2 * 2048**3 / min(matmul) / 1e9, 2 * big.numel() * 4 / min(copy) / 1e9
+
+
+def _bare_decode(model, batch: int, context: int, steps: int = 6) -> float:
+    """Seconds of one bare ``model(...)`` decode step (median of ``steps`` - 1)
+    at ``batch`` rows on a KV cache of ``context`` positions: the model alone,
+    no sampling, no bookkeeping."""
+    import torch
+
+    with torch.no_grad():
+        ids = torch.randint(0, model.config.vocab_size, (batch, context))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        mask = torch.ones(batch, context, dtype=torch.long)
+        times = []
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=-1)
+            started = time.perf_counter()
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, cache=out.cache, use_cache=True)
+            times.append(time.perf_counter() - started)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def smollm2_comparison(args: argparse.Namespace) -> None:
+    """The evaluation protocol on SmolLM2-135M-Instruct (fp32, the ``smollm2``
+    recipe's eval settings: top-k 0, top-p 1, temperature 1, no repeated
+    6-grams, up to 512 positions) on the first ``--prompts`` Dolly test prompts,
+    one run per arm, in this order:
+
+    - *fixed batches (before)*: the protocol before continuous batching --
+      prompts sorted by length, ``batch_size`` per call, one generator, every
+      row kept until its batch's longest ends;
+    - *continuous* at ``batch_size`` and 2x: ``protocol.generate`` as
+      ``distillkit eval`` runs it (row-keyed noise, finished rows leave, the
+      next prompts join);
+    - 🤗 ``generate`` in the same fixed batches (its own sampling loop; it stops
+      a batch when all its rows are done).
+
+    Tokens/s counts the response tokens returned (through EOS), as
+    ``distillkit eval`` reports them.  Beside them: the bare decode step and the
+    FLOP and bandwidth bounds of this machine; and the check that a row's
+    continuous-batch sample is the one it gets sampled alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillkit.config import load_recipe
+    from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
+    from distillkit.data.tokenization import tokenize
+    from distillkit.engine.models import load_tokenizer, materialize_gguf
+    from distillkit.engine.sampling import sample
+    from distillkit.evaluation.protocol import eval_setup, generate
+
+    recipe = load_recipe("smollm2")
+    folder = materialize_gguf(recipe.teacher.path, recipe.teacher.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(folder))
+    setup = eval_setup(model, recipe, args.batch_size, print)
+    settings, batch, max_length = setup.settings, setup.batch_size, setup.max_length
+    if args.quick:
+        max_length = min(max_length, 160)
+    rows = keep_long_references(load_eval_set("dolly", recipe.data.prompt), tokenizer,
+                                dataset_spec("dolly").min_reference_tokens)[: args.prompts]
+    examples, _ = tokenize(rows, tokenizer, max_prompt_length=min(setup.max_prompt_length, max_length // 2),
+                           max_length=max_length,
+                           long_prompts="cut_left")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    prompts = [examples[i].prompt_ids for i in order]
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+    print(f"SmolLM2-135M-Instruct fp32, {_common.parameter_count(model) / 1e6:.1f}M parameters; {len(prompts)} Dolly "
+          f"test prompts of {len(prompts[0])}-{len(prompts[-1])} tokens; up to {max_length} positions; "
+          f"batch {batch}; settings {settings}\n")
+
+    def fixed() -> list[list[int]]:
+        generator = torch.Generator().manual_seed(args.seed)
+        return sample(model, prompts, settings, eos_token_id=eos, pad_token_id=pad, vocab_size=vocab,
+                      generator=generator, max_length=max_length, batch_size=batch)
+
+    def continuous(size: int) -> list[list[int]]:
+        return generate(model, tokenizer, examples, settings, seed=args.seed, batch_size=size, max_length=max_length)
+
+    def hf() -> list[list[int]]:
+        torch.manual_seed(args.seed)
+        out = []
+        for start in range(0, len(prompts), batch):
+            group = prompts[start : start + batch]
+            input_ids, attention_mask = left_pad(group, pad)
+            with torch.no_grad():
+                ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
+                                     top_p=1.0, temperature=1.0, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                                     max_new_tokens=max_length - len(group[-1]), pad_token_id=pad, eos_token_id=eos)
+            out += [r[: r.index(eos) + 1] if eos in r else r for r in ids[:, input_ids.shape[1] :].tolist()]
+        return out
+
+    arms = {"fixed batches (before)": fixed, f"continuous, batch {batch}": lambda: continuous(batch),
+            f"continuous, batch {2 * batch}": lambda: continuous(2 * batch), "HF generate, fixed batches": hf}
+    results, seconds = {}, {}
+    for name, arm in arms.items():
+        started = time.perf_counter()
+        results[name] = arm()
+        seconds[name] = time.perf_counter() - started
+        print(f"  {name}: {sum(map(len, results[name])):,} tokens in {seconds[name]:.0f} s", flush=True)
+    rates = {name: sum(map(len, results[name])) / seconds[name] for name in arms}
+
+    gflops, bandwidth = _machine_bounds(args.threads)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    context = 256
+    flops_per_token = 2 * _common.parameter_count(model) + 4 * config.num_hidden_layers * config.hidden_size * context
+    weight_bytes = 4 * _common.parameter_count(model)
+    kv_bytes_per_row = 2 * 4 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context
+    table_rows = [[name, f"{sum(map(len, results[name])):,}", f"{seconds[name]:.0f}", f"{rates[name]:.1f}",
+                   f"{rates[name] / rates['fixed batches (before)']:.2f}"] for name in arms]
+    for size in (batch, 2 * batch):
+        step = _bare_decode(model, size, context)
+        bound = size / max(flops_per_token * size / (gflops * 1e9), (weight_bytes + size * kv_bytes_per_row) / (bandwidth * 1e9))
+        table_rows.append([f"bare decode step, batch {size}, cache {context}", "", f"{step:.3f} per step",
+                           f"{size / step:.1f}", f"{size / step / rates['fixed batches (before)']:.2f}"])
+        table_rows.append([f"bound at batch {size}: max(FLOPs / {gflops:.0f} GFLOP/s, bytes / {bandwidth:.1f} GB/s)",
+                           "", "", f"{bound:.1f}", ""])
+    print()
+    print(_common.table(["arm", "tokens", "seconds", "tokens/s", "× fixed batches"], table_rows))
+    print(f"\n{flops_per_token / 1e6:.0f} MFLOP per token at {context} cached positions; weights "
+          f"{weight_bytes / 2**20:.0f} MiB fp32, KV cache {kv_bytes_per_row / 2**20:.1f} MiB per row")
+    print(_common.ratio_line("tokens/s continuous (eval) / fixed batches (before)",
+                             [seconds["fixed batches (before)"] / sum(map(len, results["fixed batches (before)"]))],
+                             [seconds[f"continuous, batch {batch}"] / sum(map(len, results[f"continuous, batch {batch}"]))],
+                             ">= 2.5"))
+    first = f"continuous, batch {batch}"
+    same_sizes = sum(a == b for a, b in zip(results[first], results[f"continuous, batch {2 * batch}"]))
+    keys = [int(fingerprint(args.seed, e.prompt_ids), 16) for e in examples[: args.alone]]
+    alone = [sample(model, [e.prompt_ids], settings, eos_token_id=eos, pad_token_id=pad, vocab_size=vocab,
+                    row_keys=[key], max_length=max_length)[0] for e, key in zip(examples, keys)]
+    print(f"check: continuous batch {batch} vs {2 * batch}: {same_sizes}/{len(examples)} rows identical; "
+          f"sampled alone: {sum(a == b for a, b in zip(alone, results[first]))}/{len(alone)} rows identical")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.common_arguments(parser, repeats=7)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="(--smollm2: default the recipe's, 32)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--smollm2", action="store_true", help="the eval protocol on SmolLM2-135M-Instruct")
+    parser.add_argument("--prompts", type=int, default=64, help="--smollm2: Dolly test prompts (default 64)")
+    parser.add_argument("--alone", type=int, default=4, help="--smollm2: rows re-sampled alone for the check")
     args = parser.parse_args()
+    if args.smollm2:
+        _common.setup(args.threads, args.seed)
+        if args.batch_size == parser.get_default("batch_size"):
+            args.batch_size = 0  # the recipe's
+        if args.quick:
+            args.prompts, args.alone = min(args.prompts, 12), min(args.alone, 2)
+        return smollm2_comparison(args)
     if args.quick:
         args.repeats, args.max_new_tokens = min(args.repeats, 2), min(args.max_new_tokens, 32)
     _common.setup(args.threads, args.seed)

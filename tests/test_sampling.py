@@ -85,16 +85,11 @@ def test_no_repeat_ngram_size_bans_repeated_ngrams(tokenizer):
     assert repeats(0) > 0 and repeats(3) == 0
 
 
-def test_generation_settings_overrides_and_cap():
+def test_generation_settings_overrides():
     generation = GenerationConfig(temperature=0.7, max_new_tokens=8, batch_size=4)
     evaluation = generation.with_overrides(max_new_tokens=0, no_repeat_ngram_size=6)  # e.g. [eval]'s
     assert (evaluation.max_new_tokens, evaluation.no_repeat_ngram_size, evaluation.temperature) == (0, 6, 0.7)
     assert generation.with_overrides(max_new_tokens=None) == generation and generation.max_new_tokens == 8
-    prompts = [[1] * 10, [2] * 4]
-    assert generation.within(prompts, 15).max_new_tokens == 5  # the longest prompt leaves 5
-    assert generation.within(prompts, 40).max_new_tokens == 8
-    assert evaluation.within(prompts, 40).max_new_tokens == 30  # 0: fill max_length
-    assert generation.within([[1] * 20], 15).max_new_tokens == 0
 
 
 def test_padded_vocabulary_rows_are_never_sampled(tokenizer):
@@ -183,3 +178,86 @@ def test_processes_kept_in_step_run_extra_passes_without_changing_samples(tokeni
 
     assert draw(keep_going=other_process_still_sampling) == draw()
     assert sum(extra) == 21
+
+
+def _dolly_prompts(tokenizer, count: int) -> list[list[int]]:
+    """The first ``count`` Dolly validation prompts in the Alpaca template, the i-th cut
+    to its last 12 + 5 i tokens (of this 300-token vocabulary's 60 or more)."""
+    from distillkit.config import DataConfig
+    from distillkit.data.loading import load_split
+    from distillkit.data.tokenization import tokenize
+
+    examples, _ = tokenize(load_split(DataConfig(dataset="dolly"), "validation")[:count], tokenizer,
+                           max_prompt_length=60, max_length=100, long_prompts="cut_left")
+    return [e.prompt_ids[-(12 + 5 * i):] for i, e in enumerate(examples)]
+
+
+def _recording_batch_sizes(model) -> list[tuple[int, int]]:
+    """(rows, positions) of every forward pass of ``model`` from now on."""
+    calls: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("settings", [GenerationConfig(max_new_tokens=0, no_repeat_ngram_size=3),
+                                      GenerationConfig(max_new_tokens=0, temperature=0)], ids=["sampled", "greedy"])
+def test_continuous_batching_samples_what_each_row_samples_alone(tokenizer, settings):
+    """With row keys, rows leave the batch when they end and the next prompts join the
+    running cache; every row still gets exactly the tokens it gets sampled alone."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=128)
+    prompts = _dolly_prompts(tokenizer, 10)
+    keys = list(range(100, 110))
+    options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   vocab_size=len(tokenizer), max_length=80)  # budgets of 23-68 tokens: rows end at different steps
+    alone = [sample(model, [p], settings, row_keys=[k], **options)[0] for p, k in zip(prompts, keys)]
+    calls = _recording_batch_sizes(model)
+    together = sample(model, prompts, settings, row_keys=keys, batch_size=4, **options)
+    assert together == alone
+    assert max(rows for rows, _ in calls) == 4
+    decoded = [i for i, (_, positions) in enumerate(calls) if positions == 1]
+    joined_midway = [i for i, (_, positions) in enumerate(calls) if positions > 1 and decoded[0] < i < decoded[-1]]
+    assert joined_midway, "no prompt joined a running batch"
+    assert sum(rows for rows, positions in calls if positions == 1) < sum(map(len, alone)) + 4
+
+
+def test_continuous_batching_with_a_guide_and_a_prefix(tokenizer):
+    """A guide model's cache and a soft prompt's slots follow the rows as they leave and join."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=128)
+    guide = tiny_model(tokenizer, n_layer=1, seed=2, n_positions=128)
+    prompts = _dolly_prompts(tokenizer, 7)
+    prefix = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+
+    def mix(scores, guide_scores, draw):
+        return draw((scores.log_softmax(-1) + guide_scores.log_softmax(-1)) / 2)
+
+    def run(chosen, batch_size=0):
+        return sample(model, [prompts[i] for i in chosen], GenerationConfig(max_new_tokens=0),
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), row_keys=[7 * i for i in chosen], max_length=75,
+                      prefix_embeds=prefix, guide_model=guide, rule=mix, batch_size=batch_size)
+
+    assert run(range(7), batch_size=3) == [run([i])[0] for i in range(7)]
+
+
+def test_generator_draws_run_in_consecutive_batches(tokenizer):
+    """One generator: prompts run batch after batch, each row kept until its batch ends,
+    so the draws are those of separate calls on the same generator."""
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=128)
+    prompts = _dolly_prompts(tokenizer, 5)
+    settings = GenerationConfig(max_new_tokens=10)
+
+    def run(group, generator, batch_size=0):
+        return sample(model, group, settings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      vocab_size=len(tokenizer), generator=generator, batch_size=batch_size)
+
+    generator = torch.Generator().manual_seed(3)
+    separately = run(prompts[:2], generator) + run(prompts[2:4], generator) + run(prompts[4:], generator)
+    assert run(prompts, torch.Generator().manual_seed(3), batch_size=2) == separately
+
+
+def test_a_sharded_model_samples_in_one_batch(tokenizer):
+    model = tiny_model(tokenizer, n_layer=1)
+    with pytest.raises(ValueError, match="one batch"):
+        sample(model, _prompts(tokenizer), GREEDY, eos_token_id=0, pad_token_id=0, vocab_size=len(tokenizer),
+               keep_going=lambda unfinished: unfinished, batch_size=2)

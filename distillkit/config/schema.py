@@ -232,14 +232,6 @@ class GenerationConfig(Section):
         given = {"max_new_tokens": max_new_tokens, "no_repeat_ngram_size": no_repeat_ngram_size}
         return dataclasses.replace(self, **{name: value for name, value in given.items() if value is not None})
 
-    def within(self, prompts: list[list[int]], max_length: int) -> GenerationConfig:
-        """These settings with ``max_new_tokens`` capped so that the longest
-        prompt (token ids) plus its response fits in ``max_length`` tokens
-        (``max_new_tokens = 0``: fill it)."""
-        room = max(max_length - max(len(p) for p in prompts), 0)
-        budget = min(self.max_new_tokens, room) if self.max_new_tokens > 0 else room
-        return dataclasses.replace(self, max_new_tokens=budget)
-
 
 @dataclass
 class EvalConfig:

@@ -10,7 +10,10 @@ counter-based noise (a splitmix64 hash of the row's key, the token index and
 the vocabulary index): a row's sample then depends only on its key, prompt
 and model, never on its batch-mates, the batch size, the process it runs in
 or the device, which is what makes a multi-process run sample exactly what
-the single-process run does.
+the single-process run does.  It is also what lets the sampler batch
+continuously: a row leaves the batch when it ends and the next prompt takes
+its place, joining the running KV cache left-padded, so the batch stays
+full instead of waiting for its longest row.
 
 A *rule* (:class:`~distillkit.api.SamplerRule`) intervenes at each token with
 a ``guide_model`` (e.g. the teacher): it sees both models' processed scores
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -79,10 +85,12 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def gumbel_noise(row_keys: torch.Tensor, token_index: int, vocab_size: int) -> torch.Tensor:
+def gumbel_noise(row_keys: torch.Tensor, token_index: int | torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, V) float32 standard Gumbel noise, a pure function of each row's
-    int64 key (B,), the token index and the vocabulary index."""
-    rows = _splitmix64(row_keys + _signed((token_index + 1) * 0x9E3779B97F4A7C15))
+    int64 key (B,), the token index (one, or one per row (B,)) and the
+    vocabulary index."""
+    index = torch.as_tensor(token_index, dtype=torch.int64, device=row_keys.device)
+    rows = _splitmix64(row_keys + (index + 1) * _GOLDEN)  # int64 products wrap mod 2^64
     columns = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64) * _GOLDEN
     bits = _shift_right(_splitmix64(rows[:, None] + columns), 40)  # the top 24 bits
     uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
@@ -93,33 +101,100 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_embeds: torch.Tensor | None
-) -> tuple[Any, torch.Tensor]:
-    """Run the left-padded prompts (B, P) through ``model`` with a KV cache;
-    returns the output (last position's logits only) and the attention mask,
-    extended by the prefix when ``prefix_embeds`` (m, d) is given."""
-    context = contextlib.nullcontext()
-    if prefix_embeds is not None:
-        input_ids, attention_mask = with_prefix_slots(input_ids, attention_mask, prefix_embeds.shape[0])
-        context = prefix_embeddings(model, prefix_embeds)
-    with context:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                    use_cache=True, logits_to_keep=1)  # the prefill needs the last position's logits only
-    return out, attention_mask
+def _mergeable(cache: Any) -> bool:
+    """Whether ``cache`` holds plain (B, heads, S, d) key/value tensors per layer,
+    which rows can join (left-padded) and lose leading columns."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _extend(
-    model: torch.nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor, out: Any, live: torch.Tensor
-) -> tuple[Any, torch.Tensor]:
-    """Feed one new token per row (B,) through ``model`` on top of its cache.
-    Rows that are no longer ``live`` (B,) (finished) get a masked position
-    that does not advance, so a long-finished row never runs past its
-    model's positions while others go on."""
-    attention_mask = torch.cat([attention_mask, live[:, None].to(attention_mask.dtype)], dim=-1)
-    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=_positions(attention_mask)[:, -1:],
-                cache=out.cache, use_cache=True)
-    return out, attention_mask
+@dataclass
+class _Stream:
+    """One model's decoding state over the rows in flight: its KV cache, the
+    attention mask (L, S) over the cached positions, and the next-token
+    logits (L, V)."""
+
+    model: torch.nn.Module
+    cache: Any
+    mask: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def prefill(cls, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                prefix_embeds: torch.Tensor | None) -> _Stream:
+        """Run left-padded prompts (L, P) through ``model``; with ``prefix_embeds``
+        (m, d) in m attended slots in front (positions 0..m-1, as in training)."""
+        context = contextlib.nullcontext()
+        if prefix_embeds is not None:
+            input_ids, mask = with_prefix_slots(input_ids, mask, prefix_embeds.shape[0])
+            context = prefix_embeddings(model, prefix_embeds)
+        with context:  # the prefill needs the last position's logits only
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                        logits_to_keep=1)
+        return cls(model, out.cache, mask, out.logits[:, -1])
+
+    def extend(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        """Feed one token per row (L,).  Rows no longer ``live`` (L,) get a
+        masked position that does not advance, so a finished row never runs
+        past its model's positions while others go on."""
+        self.mask = torch.cat([self.mask, live[:, None].to(self.mask.dtype)], dim=-1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                         position_ids=_positions(self.mask)[:, -1:], cache=self.cache, use_cache=True)
+        self.cache, self.logits = out.cache, out.logits[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep ``rows`` (indices); drop the leading positions none of them attends."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.logits = self.mask[rows], self.logits[rows]
+        lead = int(self.mask.any(0).to(torch.int8).argmax())
+        if lead > 0 and _mergeable(self.cache):
+            self.cache = DynamicCache([(k[..., lead:, :], v[..., lead:, :]) for k, v, _ in self.cache])
+            self.mask = self.mask[:, lead:]
+
+    def join(self, other: _Stream) -> None:
+        """Append ``other``'s rows, the shorter side left-padded with unattended positions."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        pad = [width - self.mask.shape[1], width - other.mask.shape[1]]
+        layers = zip(self.cache, other.cache)
+        self.cache = DynamicCache([tuple(torch.cat([F.pad(a, (0, 0, pad[0], 0)), F.pad(b, (0, 0, pad[1], 0))])
+                                         for a, b in ((ka, kb), (va, vb)))
+                                   for (ka, va, _), (kb, vb, _) in layers])
+        self.mask = torch.cat([F.pad(self.mask, (pad[0], 0)), F.pad(other.mask, (pad[1], 0))])
+        self.logits = torch.cat([self.logits, other.logits])
+
+
+@dataclass
+class _Rows:
+    """The rows in flight: prompt indices (L,), token history (L, W) for the
+    processors (left-filled with pad), its real length, tokens drawn, length
+    budget, finished flags and noise keys per row, and one stream per model."""
+
+    index: torch.Tensor
+    history: torch.Tensor
+    length: torch.Tensor
+    drawn: torch.Tensor
+    budget: torch.Tensor
+    finished: torch.Tensor
+    keys: torch.Tensor | None
+    streams: list[_Stream]
+    fed: bool = True  # whether the streams' logits follow the last drawn token
+
+    def select(self, rows: torch.Tensor) -> None:
+        for name in ("index", "history", "length", "drawn", "budget", "finished"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.keys = None if self.keys is None else self.keys[rows]
+        for stream in self.streams:
+            stream.select(rows)
+        self.history = self.history[:, self.history.shape[1] - int(self.length.max()):]
+
+    def join(self, other: _Rows, pad_token_id: int) -> None:
+        width = max(self.history.shape[1], other.history.shape[1])
+        self.history = torch.cat([F.pad(h, (width - h.shape[1], 0), value=pad_token_id)
+                                  for h in (self.history, other.history)])
+        for name in ("index", "length", "drawn", "budget", "finished"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.keys = None if self.keys is None else torch.cat([self.keys, other.keys])
+        for stream, new in zip(self.streams, other.streams):
+            stream.join(new)
 
 
 @torch.no_grad()
@@ -139,9 +214,11 @@ def sample(
     keep_going: Callable[[bool], bool] = bool,
     max_length: int = 0,
     capped_ending: CappedEnding = "open",
+    batch_size: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Sample one response per prompt with ``settings`` (temperature, top-k,
-    top-p, n-gram ban, ``max_new_tokens``; its ``batch_size`` is the caller's).
+    top-p, n-gram ban, ``max_new_tokens``).
 
     Returns the response token ids of each prompt, through the first EOS
     (kept) or cut at ``max_new_tokens``; with ``max_length`` > 0 also at
@@ -150,71 +227,110 @@ def sample(
     size) masks padded rows of the output matrix.  ``prefix_embeds`` (m, d),
     e.g. a soft prompt, is prepended to every prompt as input embeddings
     (positions 0..m-1, as in training).  With ``guide_model`` and ``rule``,
-    each token is ``rule(scores, guide_scores, draw)`` (B,) from both models'
-    next-token scores (B, V), each after the same processors, where
+    each token is ``rule(scores, guide_scores, draw)`` (L,) from both models'
+    next-token scores (L, V), each after the same processors, where
     ``draw(scores, stream=0)`` draws from any scores with this token's noise
     (stream s > 0: independent noise); without, it is ``draw(scores)``.
     ``row_keys`` (one int64 per prompt) replace ``generator`` with per-row
-    noise (see the module docstring).  ``keep_going(unfinished)`` combines
-    this process's "some row is unfinished" over the processes that share a
-    sharded model (FSDP / ZeRO-3), which must all run the same number of
-    forward passes; the default, ``bool``, stops when this process is done.
-    ``capped_ending`` is what a response cut at its length limit ends with:
-    ``"open"`` leaves it as sampled, ``"eos"`` replaces its last token by
-    EOS (PromptKD's ``response_ids[:, -1] = pad_token_id`` with pad = EOS,
+    noise (see the module docstring).
+
+    ``batch_size`` (0: all) caps the rows decoded at once.  With row keys or
+    greedy decoding a row's tokens do not depend on its batch-mates, so the
+    sampler drops each row when it ends and, once a quarter of the batch is
+    free, admits the next prompts (in the given order) into the running
+    batch, their caches left-padded to the batch's; with one ``generator``
+    the prompts run in consecutive batches of ``batch_size``, every row kept
+    to the end (its draws consume the generator as the batch's do).
+    ``progress(n)`` is told each time n more rows have ended.
+
+    ``keep_going(unfinished)`` combines this process's "some row is
+    unfinished" over the processes that share a sharded model (FSDP /
+    ZeRO-3), which must all run the same number of forward passes (so all
+    prompts in one batch); the default, ``bool``, stops when this process is
+    done.  ``capped_ending`` is what a response cut at its length limit ends
+    with: ``"open"`` leaves it as sampled, ``"eos"`` replaces its last token
+    by EOS (PromptKD's ``response_ids[:, -1] = pad_token_id`` with pad = EOS,
     gmkim-ai/PromptKD ``train_promptkd.py`` ``finetune``), so that every
     sample teaches the model to stop.
     """
     if (guide_model is None) != (rule is None):
         raise ValueError("sample() takes guide_model and rule together")
+    capacity = batch_size if 0 < batch_size < len(prompts) else len(prompts)
+    if capacity < len(prompts) and keep_going is not bool:
+        raise ValueError("processes that share a sharded model sample all their prompts in one batch (batch_size 0)")
+    if not prompts:
+        return []
     models = [m for m in (model, guide_model) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
     device = next(model.parameters()).device
-    input_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     processors = logits_processors(settings)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    fill = 2**62 if max_length > 0 else 0  # max_new_tokens = 0: up to max_length
-    budget = torch.full_like(lengths, settings.max_new_tokens if settings.max_new_tokens > 0 else fill)
-    if max_length > 0:
-        budget = torch.minimum(budget, (max_length - lengths).clamp(min=0))
-    finished = budget == 0
-    keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.int64, device=device)
-    generated = input_ids
-    out, attention_mask = _prefill(model, input_ids, prompt_mask, prefix_embeds)
-    if guide_model is not None:
-        guide_out, guide_mask = _prefill(guide_model, input_ids, prompt_mask, None)
-    step = 0
+    independent = row_keys is not None or settings.temperature == 0  # no row's draw depends on another's
+    pending = list(range(len(prompts)))[::-1]  # popped from the end: the given order
+    tokens: list[list[int]] = [[] for _ in prompts]
+    rows: _Rows | None = None
+
+    def admit(chosen: list[int]) -> _Rows:
+        """Prefill the prompts ``chosen`` (indices) as new rows."""
+        group = [prompts[i] for i in chosen]
+        input_ids, prompt_mask = (t.to(device) for t in left_pad(group, pad_token_id))
+        length = torch.tensor([len(p) for p in group], device=device)
+        fill = 2**62 if max_length > 0 else 0  # max_new_tokens = 0: up to max_length
+        budget = torch.full_like(length, settings.max_new_tokens if settings.max_new_tokens > 0 else fill)
+        if max_length > 0:
+            budget = torch.minimum(budget, (max_length - length).clamp(min=0))
+        keys = None if row_keys is None else torch.tensor([row_keys[i] for i in chosen], dtype=torch.int64,
+                                                           device=device)
+        streams = [_Stream.prefill(model, input_ids, prompt_mask, prefix_embeds)]
+        if guide_model is not None:
+            streams.append(_Stream.prefill(guide_model, input_ids, prompt_mask, None))
+        if progress is not None and bool((budget == 0).any()):
+            progress(int((budget == 0).sum()))  # no room left: they end empty
+        return _Rows(torch.tensor(chosen, device=device), input_ids, length, torch.zeros_like(length), budget,
+                     budget == 0, keys, streams)
 
     def draw(scores: torch.Tensor, stream: int = 0) -> torch.Tensor:
-        """Tokens (B,) drawn from ``scores`` (B, V) with token ``step``'s noise of ``stream``."""
+        """Tokens (L,) drawn from ``scores`` (L, V) with each row's next noise of ``stream``."""
         if settings.temperature == 0:
             return scores.argmax(-1)
-        if keys is not None:
-            stream_keys = keys if stream == 0 else _splitmix64(keys + _signed(stream * 0xD1B54A32D192ED03))
-            return (scores + gumbel_noise(stream_keys, step, scores.shape[-1])).argmax(-1)
+        if rows.keys is not None:
+            keys = rows.keys if stream == 0 else _splitmix64(rows.keys + _signed(stream * 0xD1B54A32D192ED03))
+            return (scores + gumbel_noise(keys, rows.drawn, scores.shape[-1])).argmax(-1)
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
-    while keep_going(not bool(finished.all())):
-        if step > 0:  # feed the previous token (no forward pass whose logits nobody reads)
-            out, attention_mask = _extend(model, generated[:, -1], attention_mask, out, ~finished)
-            if guide_model is not None:
-                guide_out, guide_mask = _extend(guide_model, generated[:, -1], guide_mask, guide_out, ~finished)
-        scores = processors(generated, out.logits[:, -1, :vocab_size].float())
-        if rule is None:
-            next_tokens = draw(scores)
-        else:
-            next_tokens = rule(scores, processors(generated, guide_out.logits[:, -1, :vocab_size].float()), draw)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-        generated = torch.cat([generated, next_tokens[:, None]], dim=-1)
-        step += 1
-        finished |= (next_tokens == eos_token_id) | (budget <= step)
+    def unfinished() -> bool:
+        return bool(pending) or (rows is not None and not bool(rows.finished.all()))
+
+    while keep_going(unfinished()):
+        if rows is not None and not rows.fed:  # feed the last token (no forward pass whose logits nobody reads)
+            for stream in rows.streams:
+                stream.extend(rows.history[:, -1], ~rows.finished)
+            rows.fed = True
+        room = capacity - (0 if rows is None else len(rows.index))
+        joinable = rows is not None and independent and all(_mergeable(s.cache) for s in rows.streams)
+        if pending and (rows is None or (joinable and room >= max(1, capacity // 4))):
+            new = admit([pending.pop() for _ in range(min(room, len(pending)))])
+            if rows is None:
+                rows = new
+            else:
+                rows.join(new, pad_token_id)
+        scores = [processors(rows.history, s.logits[:, :vocab_size].float()) for s in rows.streams]
+        chosen = draw(scores[0]) if rule is None else rule(scores[0], scores[1], draw)
+        live = ~rows.finished
+        chosen = torch.where(live, chosen, torch.full_like(chosen, pad_token_id))
+        rows.history = torch.cat([rows.history, chosen[:, None]], dim=-1)
+        rows.length, rows.drawn, rows.fed = rows.length + live, rows.drawn + live, False
+        for i, token in zip(rows.index[live].tolist(), chosen[live].tolist()):
+            tokens[i].append(token)
+        ended = live & ((chosen == eos_token_id) | (rows.drawn >= rows.budget))
+        rows.finished |= ended
+        if progress is not None and bool(ended.any()):
+            progress(int(ended.sum()))
+        if pending and bool(rows.finished.all()):
+            rows = None  # the next prompts start afresh
+        elif independent and bool(rows.finished.any()) and not bool(rows.finished.all()):
+            rows.select((~rows.finished).nonzero().squeeze(-1))  # the last rows stay for keep_going's extra passes
     for m, mode in zip(models, modes):
         m.train(mode)
-    responses = []
-    for row, limit in zip(generated[:, input_ids.shape[1] :].tolist(), budget.tolist()):
-        end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        response = row[: min(end, limit)]
-        responses.append(ended_with_eos(response, eos_token_id) if capped_ending == "eos" else response)
-    return responses
+    return [ended_with_eos(t, eos_token_id) if capped_ending == "eos" else t for t in tokens]

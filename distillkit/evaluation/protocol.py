@@ -9,6 +9,7 @@ cells.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
@@ -64,31 +65,31 @@ def generate(
     batch_size: int,
     max_length: int,
     progress: Callable[[int], None] | None = None,
-    row_keyed: bool = False,
 ) -> list[list[int]]:
-    """Sample a response for each example (in input order).  Batches group
-    prompts of similar length; ``max_new_tokens = 0`` fills up to ``max_length``.
-    ``row_keyed``: each prompt's noise and length limit are its own (keyed by
-    ``seed`` and the prompt), so the responses do not depend on the batching
-    or on how the examples are split over processes."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    """Sample a response for each example (in input order), up to
+    ``max_length`` tokens with its prompt (``max_new_tokens = 0``: that alone).
+
+    Each prompt's noise is keyed by ``seed``, the prompt and how often the
+    same prompt came before it in ``examples``, so a response depends on
+    neither the batching nor how the examples are split over processes; the
+    sampler then batches continuously, ``batch_size`` rows at a time, the
+    prompts ordered by length (less padding).  ``progress(n)``: n more
+    responses ended."""
+    seen: collections.Counter[tuple[int, ...]] = collections.Counter()
+    keys = []
+    for example in examples:
+        prompt = tuple(example.prompt_ids)
+        repeat = seen[prompt]
+        seen[prompt] += 1
+        keys.append(int(fingerprint(seed, example.prompt_ids, *([repeat] if repeat else [])), 16))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    outputs = registry().generation_backends[settings.backend].sample(
+        model, [examples[i].prompt_ids for i in order], settings, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), row_keys=[keys[i] for i in order],
+        max_length=max_length, batch_size=batch_size, progress=progress)
     responses: list[list[int]] = [[] for _ in examples]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        prompts = [examples[i].prompt_ids for i in chunk]
-        if row_keyed:
-            randomness = {"row_keys": [int(fingerprint(seed, p), 16) for p in prompts], "max_length": max_length}
-            chunk_settings = settings
-        else:
-            randomness, chunk_settings = {"generator": generator}, settings.within(prompts, max_length)
-        outputs = registry().generation_backends[settings.backend].sample(
-            model, prompts, chunk_settings, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), **randomness)
-        for index, output in zip(chunk, outputs):
-            responses[index] = output
-        if progress is not None:
-            progress(len(chunk))
+    for index, output in zip(order, outputs):
+        responses[index] = output
     return responses
 
 
@@ -102,14 +103,12 @@ def evaluate(
     batch_size: int,
     max_length: int,
     progress: Callable[[int], None] | None = None,
-    row_keyed: bool = False,
 ) -> EvalResult:
-    """Mean ROUGE-L of sampled responses, one value per seed (``row_keyed``:
-    see :func:`generate`)."""
+    """Mean ROUGE-L of sampled responses (see :func:`generate`), one value per seed."""
     result = EvalResult(per_seed={})
     for seed in seeds:
         outputs = generate(model, tokenizer, examples, settings, seed=seed, batch_size=batch_size,
-                           max_length=max_length, progress=progress, row_keyed=row_keyed)
+                           max_length=max_length, progress=progress)
         texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
         scores = [rouge_l(text.strip(), ex.example.references) for text, ex in zip(texts, examples)]
         result.per_seed[seed] = statistics.fmean(scores) if scores else 0.0
@@ -212,8 +211,8 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     or moved model reuses its scores, read-only model folders work, and run
     folders stay as training wrote them.  A cell's key also covers the
     examples (token ids and references, so data, template, filter and limit),
-    the seed, lengths, sampling settings, batch size (batches share one
-    generator) and device type."""
+    the seed, lengths, sampling settings and device type (not the batch
+    size: the samples do not depend on it, see :func:`generate`)."""
     from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
     from distillkit.data.tokenization import tokenize
 
@@ -234,7 +233,8 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
                             max_length=setup.max_length, long_prompts="cut_left")
     content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
     folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
-    key = (name, content, {**dataclasses.asdict(setup), "settings": sampling_identity(setup.settings)}, limit,
+    shape = {k: v for k, v in dataclasses.asdict(setup).items() if k != "batch_size"}
+    key = (name, content, {**shape, "settings": sampling_identity(setup.settings)}, limit,
            next(model.parameters()).device.type)
     files = {seed: folder / f"seed{seed}-{fingerprint(*key, seed)}.json" for seed in seeds}
     cells = {seed: cell for seed, path in files.items() if (cell := _cell(path)) is not None}
@@ -243,12 +243,8 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
 
 def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
     """The sampling settings in an eval cell's key: what decides the samples
-    (the prompts per sampler call are the setup's own ``batch_size``; the
-    backend only when it is not the default, so cells keyed before the
-    backend hook are found again)."""
-    default_backend = GenerationConfig().backend
-    return {k: v for k, v in dataclasses.asdict(settings).items()
-            if k != "batch_size" and not (k == "backend" and v == default_backend)}
+    (not ``batch_size``: with row-keyed noise the samples do not depend on it)."""
+    return {"noise": "row-keyed", **{k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}}
 
 
 def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:

@@ -64,8 +64,7 @@ class Validation:
         result = evaluate(self.accelerator.unwrap_model(self.run.student), self.run.tokenizer, share,
                           recipe.generation.with_overrides(max_new_tokens=recipe.eval.max_new_tokens),
                           seeds=[self.run.config.training.seed], batch_size=recipe.generation.batch_size,
-                          max_length=recipe.data.max_length, progress=lambda n: progress.advance(task, n),
-                          row_keyed=True)
+                          max_length=recipe.data.max_length, progress=lambda n: progress.advance(task, n))
         progress.remove_task(task)
         totals = [result.mean * len(share), len(share), *self.loss_sum(share)]
         rouge_sum, count, loss_sum, tokens = totals if is_sharded(self.accelerator) else sums.of(totals)
