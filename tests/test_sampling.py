@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distillkit.config import GenerationConfig
-from distillkit.engine.sampling import gumbel_noise, sample
+from distillkit.engine.sampling import gumbel_noise, sample, standard_gumbel
 
 from .conftest import tiny_model
 
@@ -200,12 +200,23 @@ def _recording_batch_sizes(model) -> list[tuple[int, int]]:
     return calls
 
 
+def _tiny_llama(tokenizer):
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 key/value heads), as SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("settings", [GenerationConfig(max_new_tokens=0, no_repeat_ngram_size=3),
                                       GenerationConfig(max_new_tokens=0, temperature=0)], ids=["sampled", "greedy"])
-def test_continuous_batching_samples_what_each_row_samples_alone(tokenizer, settings):
+def test_continuous_batching_samples_what_each_row_samples_alone(tokenizer, settings, arch):
     """With row keys, rows leave the batch when they end and the next prompts join the
     running cache; every row still gets exactly the tokens it gets sampled alone."""
-    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=128)
+    model = tiny_model(tokenizer, n_layer=2, seed=1, n_positions=128) if arch == "gpt2" else _tiny_llama(tokenizer)
     prompts = _dolly_prompts(tokenizer, 10)
     keys = list(range(100, 110))
     options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -261,3 +272,13 @@ def test_a_sharded_model_samples_in_one_batch(tokenizer):
     with pytest.raises(ValueError, match="one batch"):
         sample(model, _prompts(tokenizer), GREEDY, eos_token_id=0, pad_token_id=0, vocab_size=len(tokenizer),
                keep_going=lambda unfinished: unfinished, batch_size=2)
+
+
+def test_gumbel_noise_stays_finite_at_the_top_bit_pattern():
+    """The largest 24-bit value would give u = 1.0 in float32 and infinite noise (about one
+    column in 2^24: 0.3% of SmolLM2's draws), drawing that token whatever its score."""
+    bits = torch.tensor([0, 1, (1 << 23) + 1, (1 << 24) - 2, (1 << 24) - 1])
+    noise = standard_gumbel(bits)
+    unclamped = -torch.log(-torch.log((bits.float() + 0.5) / 2**24))
+    assert torch.isinf(unclamped[-1]) and torch.equal(noise[:-1], unclamped[:-1])  # only the top value changes
+    assert noise[-1] == pytest.approx(-math.log(2.0**-24), rel=1e-3)  # the largest finite noise, 16.6

@@ -22,9 +22,9 @@ STREAM_1 = 0xD1B54A32D192ED03 - (1 << 64)  # the sampler's salt of noise stream 
 
 
 def _stream_keys(keys: torch.Tensor) -> torch.Tensor:
-    from distillkit.engine.sampling import _splitmix64
+    from distillkit.engine.sampling import _splitmix64_
 
-    return _splitmix64(keys + STREAM_1)
+    return _splitmix64_(keys + STREAM_1)
 
 
 @pytest.mark.parametrize("share", [0.3, 0.6])

@@ -133,7 +133,7 @@ def test_shrink_to_all_layers_reproduces_the_teacher(tokenizer, arch):
         torch.testing.assert_close(copy(ids).logits, teacher(ids).logits)
         # the KV cache of the copy (layer_idx of every attention) works as in the teacher
         step = copy(ids[:, :-1], use_cache=True)
-        last = copy(ids[:, -1:], past_key_values=step.past_key_values, use_cache=True).logits[:, -1]
+        last = copy(ids[:, -1:], cache=step.cache, use_cache=True).logits[:, -1]
         torch.testing.assert_close(last, teacher(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
 
 

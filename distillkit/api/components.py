@@ -185,7 +185,7 @@ class GenerationBackend:
     ``sample(model, prompts, settings, **keywords)`` has the signature and the contract of
     :func:`distillkit.engine.sampling.sample` (the ``transformers`` backend, the reference): one response
     per prompt, through the first EOS, with the same keywords (``row_keys``, ``prefix_embeds``,
-    ``guide_model`` and ``rule``, ``max_length``, ``capped_ending``, ...).  ``unavailable()`` gives None, or
+    ``guide_model`` and ``rule``, ``max_length``, ``capped_ending``, ``batch_size``, ``progress``, ...).  ``unavailable()`` gives None, or
     the one-line reason this backend cannot run here (a missing extra or device), which a recipe that picks
     it gets when the run is assembled, before any model is loaded.
     """

@@ -38,6 +38,7 @@ from distillkit.api import (
     require,
     write_json_atomic,
 )
+from distillkit.engine.sampling import NOISE
 
 if TYPE_CHECKING:
     from distillkit.config.assembly import RunConfig
@@ -149,7 +150,7 @@ def cached_teacher_samples(run: StepContext, **options: Any) -> PseudoTargetSour
     prompts = [e.prompt_ids for e in run.train_examples]
     generation = run.config.recipe.generation
     key = fingerprint(run.teacher_id, prompts, generation.identity(), run.config.recipe.data.max_length, opts.seed,
-                      "row-keyed")
+                      NOISE)
     path = cache_root() / "teacher_generations" / f"{key}.json"
     if path.is_file():
         responses = json.loads(path.read_text())

@@ -13,7 +13,9 @@ or the device, which is what makes a multi-process run sample exactly what
 the single-process run does.  It is also what lets the sampler batch
 continuously: a row leaves the batch when it ends and the next prompt takes
 its place, joining the running KV cache left-padded, so the batch stays
-full instead of waiting for its longest row.
+full instead of waiting for its longest row.  The KV cache grows in place
+(buffers with room, doubled when full) rather than being copied at every
+step, for models whose cache is full attention throughout.
 
 A *rule* (:class:`~distillkit.api.SamplerRule`) intervenes at each token with
 a ``guide_model`` (e.g. the teacher): it sees both models' processed scores
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -69,6 +71,10 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+NOISE = "row-keyed gumbel 2"
+"""The version of the row-keyed draws, in the keys of cached samples (eval cells, teacher
+generations): 2 since the top 24-bit value stopped giving infinite noise."""
+
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
 
@@ -78,33 +84,93 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (multiplications wrap mod 2^64)."""
-    x = (x ^ _shift_right(x, 30)) * _MIX[0]
-    x = (x ^ _shift_right(x, 27)) * _MIX[1]
-    return x ^ _shift_right(x, 31)
+def _splitmix64_(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser, in place on int64 ``x`` (multiplications wrap mod 2^64)."""
+    shifted = torch.empty_like(x)
+    for bits, multiplier in ((30, _MIX[0]), (27, _MIX[1]), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        x ^= shifted.bitwise_and_((1 << (64 - bits)) - 1)
+        if multiplier is not None:
+            x *= multiplier
+    return x
+
+
+def _row_hashes(row_keys: torch.Tensor, token_index: int | torch.Tensor) -> torch.Tensor:
+    """(B,) int64: each row's hash of its key and the token index (one, or one per row (B,))."""
+    index = torch.as_tensor(token_index, dtype=torch.int64, device=row_keys.device)
+    return _splitmix64_(row_keys + (index + 1) * _GOLDEN)  # int64 products wrap mod 2^64
 
 
 def gumbel_noise(row_keys: torch.Tensor, token_index: int | torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, V) float32 standard Gumbel noise, a pure function of each row's
     int64 key (B,), the token index (one, or one per row (B,)) and the
     vocabulary index."""
-    index = torch.as_tensor(token_index, dtype=torch.int64, device=row_keys.device)
-    rows = _splitmix64(row_keys + (index + 1) * _GOLDEN)  # int64 products wrap mod 2^64
     columns = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64) * _GOLDEN
-    bits = _shift_right(_splitmix64(rows[:, None] + columns), 40)  # the top 24 bits
-    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    return standard_gumbel(_shift_right(_splitmix64_(_row_hashes(row_keys, token_index)[:, None] + columns), 40))
+
+
+def standard_gumbel(bits: torch.Tensor) -> torch.Tensor:
+    """Float32 Gumbel noise of 24-bit integers ``bits`` through u = (bits + 0.5) / 2^24 in (0, 1).
+    The top value's u rounds to 1.0 in float32 (noise +inf: that token drawn whatever its
+    score), so u stops at the largest float32 below 1."""
+    uniform = bits.float().add_(0.5).div_(float(1 << 24)).clamp_(max=1.0 - 2.0**-24)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values (B, heads, S, d) are
+    the filled part of buffers with room for more positions (doubled when
+    full): a decode step writes one position where :class:`DynamicLayer`
+    copies the whole cache (``torch.cat``)."""
+
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> _GrowingLayer:
+        layer = cls()
+        layer.update(keys, values)
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if self.buffers is None or end > self.buffers[0].shape[-2] or self.keys.data_ptr() != self.buffers[0].data_ptr():
+            shape = (*key_states.shape[:2], 2 * end, key_states.shape[-1])
+            self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                self.buffers[0][..., :length, :], self.buffers[1][..., :length, :] = self.keys, self.values
+        self.buffers[0][..., length:end, :], self.buffers[1][..., length:end, :] = key_states, value_states
+        self.keys, self.values = self.buffers[0][..., :end, :], self.buffers[1][..., :end, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.buffers is not None:
+            length = self.get_seq_length()
+            self.buffers = (self.buffers[0][indices], self.buffers[1][indices])
+            self.keys, self.values = self.buffers[0][..., :length, :], self.buffers[1][..., :length, :]
+
+
+def _growing_cache(model: torch.nn.Module) -> Cache | None:
+    """An empty cache of :class:`_GrowingLayer` for ``model`` when its own
+    would be full-attention :class:`DynamicLayer` throughout (None: let the
+    model build its own, e.g. with sliding windows)."""
+    config = getattr(model, "config", None)
+    if config is not None and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers):
+        return Cache(layer_class_to_replicate=_GrowingLayer)
+    return None
+
+
 def _mergeable(cache: Any) -> bool:
-    """Whether ``cache`` holds plain (B, heads, S, d) key/value tensors per layer,
-    which rows can join (left-padded) and lose leading columns."""
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+    """Whether ``cache`` is one of :func:`_growing_cache`'s, whose rows can join
+    others (left-padded) and lose leading columns."""
+    return all(type(layer) is _GrowingLayer for layer in cache.layers)
 
 
 @dataclass
@@ -128,8 +194,8 @@ class _Stream:
             input_ids, mask = with_prefix_slots(input_ids, mask, prefix_embeds.shape[0])
             context = prefix_embeddings(model, prefix_embeds)
         with context:  # the prefill needs the last position's logits only
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                        logits_to_keep=1)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                        cache=_growing_cache(model), use_cache=True, logits_to_keep=1)
         return cls(model, out.cache, mask, out.logits[:, -1])
 
     def extend(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
@@ -146,18 +212,19 @@ class _Stream:
         self.cache.batch_select_indices(rows)
         self.mask, self.logits = self.mask[rows], self.logits[rows]
         lead = int(self.mask.any(0).to(torch.int8).argmax())
-        if lead > 0 and _mergeable(self.cache):
-            self.cache = DynamicCache([(k[..., lead:, :], v[..., lead:, :]) for k, v, _ in self.cache])
+        if lead >= max(16, self.mask.shape[1] // 8) and _mergeable(self.cache):  # worth a copy of the cache
+            self.cache = Cache(layers=[_GrowingLayer.holding(layer.keys[..., lead:, :], layer.values[..., lead:, :])
+                                       for layer in self.cache.layers])
             self.mask = self.mask[:, lead:]
 
     def join(self, other: _Stream) -> None:
         """Append ``other``'s rows, the shorter side left-padded with unattended positions."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         pad = [width - self.mask.shape[1], width - other.mask.shape[1]]
-        layers = zip(self.cache, other.cache)
-        self.cache = DynamicCache([tuple(torch.cat([F.pad(a, (0, 0, pad[0], 0)), F.pad(b, (0, 0, pad[1], 0))])
-                                         for a, b in ((ka, kb), (va, vb)))
-                                   for (ka, va, _), (kb, vb, _) in layers])
+        self.cache = Cache(layers=[
+            _GrowingLayer.holding(*(torch.cat([F.pad(a, (0, 0, pad[0], 0)), F.pad(b, (0, 0, pad[1], 0))])
+                                    for a, b in ((mine.keys, new.keys), (mine.values, new.values))))
+            for mine, new in zip(self.cache.layers, other.cache.layers)])
         self.mask = torch.cat([F.pad(self.mask, (pad[0], 0)), F.pad(other.mask, (pad[1], 0))])
         self.logits = torch.cat([self.logits, other.logits])
 
@@ -295,7 +362,7 @@ def sample(
         if settings.temperature == 0:
             return scores.argmax(-1)
         if rows.keys is not None:
-            keys = rows.keys if stream == 0 else _splitmix64(rows.keys + _signed(stream * 0xD1B54A32D192ED03))
+            keys = rows.keys if stream == 0 else _splitmix64_(rows.keys + _signed(stream * 0xD1B54A32D192ED03))
             return (scores + gumbel_noise(keys, rows.drawn, scores.shape[-1])).argmax(-1)
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 

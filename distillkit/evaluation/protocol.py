@@ -26,6 +26,7 @@ from distillkit.api import TokenizedExample
 from distillkit.config import GenerationConfig, Recipe
 from distillkit.config.run_folder import BEST, recipe_of_model
 from distillkit.config.schema import PromptSource
+from distillkit.engine.sampling import NOISE
 from distillkit.errors import DatasetUnavailable, DistillkitError
 from distillkit.files import cache_root, files_fingerprint, fingerprint, write_json_atomic
 from distillkit.registry import registry
@@ -244,7 +245,7 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
 def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
     """The sampling settings in an eval cell's key: what decides the samples
     (not ``batch_size``: with row-keyed noise the samples do not depend on it)."""
-    return {"noise": "row-keyed", **{k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}}
+    return {"noise": NOISE, **{k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}}
 
 
 def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:
