@@ -214,10 +214,11 @@ def test_promptkd_prompt_step_matches_the_reference(recipe_file, tokenizer):
     want = (1 - base_ratio) * ref_reverse_kl(prompted, plain, mask) + ref_reverse_kl(prompted, student, mask)
     assert got.item() == pytest.approx(want.item(), **TOL)
     _assert_same_grads(_grads(got, [prompt]), _grads(want, [prompt]))
-    # the test can tell: a student target in train mode (dropout 0.1) is another loss
+    # the test can tell, at the precision it checks with: a student target in train mode (dropout 0.1)
+    # is another loss (about 1e-3 away relative on this tiny model)
     run.student.train()
     noisy = registry().methods["promptkd"].stages[0].loss(run, batch)["loss"]
-    assert noisy.item() != pytest.approx(want.item(), rel=1e-3)
+    assert noisy.item() != pytest.approx(want.item(), rel=100 * TOL["rel"])
 
 
 def test_promptkd_student_step_matches_the_reference(recipe_file, tokenizer):

@@ -287,3 +287,19 @@ def test_deferred_output_layer_gives_the_models_logits_and_gradients(kind):
 def test_a_model_that_changes_its_logits_after_the_head_is_not_deferred():
     """Gemma 2 soft-caps its logits after the head: deferring it would drop the cap."""
     assert not defers_exactly(tiny_model("gemma2"), torch.tensor([[1, 2, 3]]))
+
+
+def test_a_target_made_without_grad_sends_no_gradient_into_its_output_layer():
+    """Response logits made under ``no_grad`` (e.g. PromptKD's student as the prompt step's target)
+    stay constants: the loss reaches the trainable side only, not the target's trainable head."""
+    hidden, head, _, mask = setup(0)
+    trainable_head = torch.nn.Linear(H, V + 3, dtype=torch.float64)
+    trainable = ResponseLogits(hidden[mask].clone().requires_grad_(), trainable_head, V)
+    with torch.no_grad():
+        target = ResponseLogits(hidden[mask] * 0.5, head, V)  # head's parameters require grad
+    for loss in (masked_divergence(DIVS["reverse_kl"], trainable, target, mask),
+                 masked_objective(trainable, {"kl": LossTerm(1.0, "forward_kl", target)}, None, mask,
+                                  DIVS.__getitem__)["loss"]):
+        loss.backward()
+        assert all(p.grad is None for p in head.parameters())
+        assert trainable_head.weight.grad is not None and trainable_head.weight.grad.abs().sum() > 0

@@ -82,11 +82,15 @@ class ResponseLogits:
     (n, H) -> (n, >= V)), so the loss helpers compute the logits a chunk of
     rows at a time and never hold all N x V of them.  ``head`` None means
     ``hidden`` already holds the logits (N, >= V).  Only the first
-    ``vocab_size`` logits count (padded output rows are dropped)."""
+    ``vocab_size`` logits count (padded output rows are dropped).
+    ``tracks_grad``: whether gradients flow through the output layer, by
+    default the grad mode it is made in, so logits made under
+    ``torch.no_grad()`` stay constants when their rows are computed later."""
 
     hidden: torch.Tensor
     head: torch.nn.Module | None
     vocab_size: int
+    tracks_grad: bool = field(default_factory=torch.is_grad_enabled)
 
     @property
     def num_rows(self) -> int:
@@ -98,7 +102,8 @@ class ResponseLogits:
         if self.head is None:
             return hidden[..., : self.vocab_size]
         weight = next(self.head.parameters(), None)
-        return self.head(hidden if weight is None else hidden.to(weight.dtype))[..., : self.vocab_size]
+        with torch.set_grad_enabled(self.tracks_grad and torch.is_grad_enabled()):
+            return self.head(hidden if weight is None else hidden.to(weight.dtype))[..., : self.vocab_size]
 
     def materialize(self) -> torch.Tensor:
         """All the logits (N, V): what the chunked helpers avoid; for code that needs them whole."""

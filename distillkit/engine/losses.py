@@ -25,6 +25,7 @@ Shapes: B batch, T positions, V vocabulary, H hidden size, N masked
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -134,7 +135,7 @@ def _needs_grad(side: Target | None) -> bool:
     if isinstance(side, TopKSignal):
         return side.logprobs.requires_grad or side.tail.requires_grad
     if isinstance(side, ResponseLogits):
-        return side.hidden.requires_grad or any(p.requires_grad for p in _head_parameters(side))
+        return side.hidden.requires_grad or side.tracks_grad and any(p.requires_grad for p in _head_parameters(side))
     return side.requires_grad
 
 
@@ -232,8 +233,7 @@ def per_row_values(trainable: ResponseLogits, term: Term, chunk_size: int | None
     chunk_size = chunk_size or default_chunk_rows(trainable.vocab_size)
 
     def chunk_values(hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        head_only = ResponseLogits(hidden, trainable.head, trainable.vocab_size)
-        return term(head_only.rows(), start, stop, False)[0]
+        return term(dataclasses.replace(trainable, hidden=hidden).rows(), start, stop, False)[0]
 
     bounds = _chunk_bounds(trainable.num_rows, chunk_size)
     if not bounds:
@@ -321,7 +321,7 @@ def weighted_sum(trainable: ResponseLogits, terms: Sequence[tuple[Term, torch.Te
             rows = hidden[start:stop].detach()
             with torch.set_grad_enabled(not linear and trainable.head is not None):
                 head_input = rows.requires_grad_(wants_hidden) if not linear and trainable.head is not None else rows
-                z = ResponseLogits(head_input, trainable.head, trainable.vocab_size).rows()
+                z = dataclasses.replace(trainable, hidden=head_input).rows()
             seed = _seed(terms, z, sums, start, stop)
             if linear:  # the head's backward by hand: dL/dh = seed W, dL/dW += seed^T h (no logits kept)
                 weight = trainable.head.weight[: trainable.vocab_size]
