@@ -1,7 +1,7 @@
 """Loss-path memory and time at large vocabularies: today's dense logits
 against the response-only, chunked path with closed-form gradients.
 
-    python benchmarks/bench_fused_loss.py [--vocab 49152 262144] [--repeats 3]
+    python benchmarks/bench_fused_loss.py [--vocab 49152 262144] [--losses kd gkd] [--repeats 3]
 
 One KD loss (0.5 CE + 0.5 forward KL) and one GKD loss (JSD, beta = 0.5) and
 their backward, from final hidden states (B, T, H) of a student (trainable,
@@ -142,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--losses", nargs="+", choices=["kd", "gkd"], default=["kd", "gkd"])
     parser.add_argument("--memory-of", nargs=3, metavar=("ARM", "KIND", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -157,7 +158,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         x = inputs(vocab)
-        for kind in ("kd", "gkd"):
+        for kind in args.losses:
             memory = {arm: memory_in_subprocess(arm, kind, vocab) for arm in ARMS}
             seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
             results = {}

@@ -63,6 +63,21 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(method, recipe_f
     assert [r["step"] for r in _records(tmp_path / "run") if "val/rougeL" not in r] == [1, 2]
 
 
+def test_a_stage_whose_loss_reaches_another_groups_parameters_stops_the_run(recipe_file, tmp_path, monkeypatch):
+    """PromptKD's prompt step takes the student's response logits as a constant target; made to carry a
+    gradient into the student's output layer (the bug fixed in issue 17), the run stops before the update."""
+    original = Run.student_response_logits
+
+    def leaking(self: Run, batch):
+        logits = original(self, batch)
+        return ResponseLogits(logits.hidden, logits.head, logits.vocab_size, tracks_grad=True)
+
+    monkeypatch.setattr(Run, "student_response_logits", leaking)
+    with pytest.raises(DistillkitError, match="'teacher_adapter' stage put gradients into the 'student' parameters"):
+        train("promptkd", str(recipe_file(steps=2, eval_every=2)), output=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_diverging_run_exits_non_zero_with_one_line(recipe_file, tmp_path):
     result = CliRunner().invoke(app, ["train", "--method", "kd", "--recipe", str(recipe_file(steps=6)),
                                       "--output", str(tmp_path / "run"), "--set", "training.lr=1e30"])

@@ -190,6 +190,7 @@ class Trainer:
         for stage in self.method.stages:
             self.run.student.train(stage.student_mode_for(self.config.options) == "train")
             loss_sum = self._backward_stage(stage, batches, global_tokens, terms_by_key)
+            self._check_gradients_stay_in(stage)
             logs.update(self._update(stage.trains, loss_sum))
         local_positions = sum(int(b.attention_mask.sum()) for b in batches)
         *term_values, positions, generated = self.sums.of(
@@ -224,6 +225,16 @@ class Trainer:
                 key = name if len(self.method.stages) == 1 else f"{stage.trains}/{name}"
                 terms_by_key[key] = terms_by_key.get(key, 0.0) + float(value.detach()) * weight
         return loss_sum
+
+    def _check_gradients_stay_in(self, stage: Stage) -> None:
+        """A stage's loss must reach only the parameters it trains (the others' gradients are None between
+        their updates): a gradient elsewhere means a target meant to be constant is not, and the next update
+        of that group would use it."""
+        for group in self.optimization.groups:
+            if group != stage.trains and any(p.grad is not None for p in self.optimization.parameters(group)):
+                raise DistillkitError(
+                    f"method '{self.method.name}': the loss of its '{stage.trains}' stage put gradients into the "
+                    f"'{group}' parameters; compute the targets it takes from them under torch.no_grad()")
 
     def _update(self, group: str, loss_sum: float) -> dict[str, float]:
         """Clip and step ``group``'s optimizer and schedule, or skip the
