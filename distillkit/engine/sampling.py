@@ -157,20 +157,19 @@ class _GrowingLayer(DynamicLayer):
             self.keys, self.values = self.buffers[0][..., :length, :], self.buffers[1][..., :length, :]
 
 
-def _growing_cache(model: torch.nn.Module) -> Cache | None:
-    """An empty cache of :class:`_GrowingLayer` for ``model`` when its own
-    would be full-attention :class:`DynamicLayer` throughout (None: let the
-    model build its own, e.g. with sliding windows)."""
+def _grows_in_place(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s own cache would be full-attention :class:`DynamicLayer`
+    throughout, so that a cache of :class:`_GrowingLayer` can stand in (not,
+    e.g., with sliding windows: the model then builds its own)."""
     config = getattr(model, "config", None)
-    if config is not None and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers):
-        return Cache(layer_class_to_replicate=_GrowingLayer)
-    return None
+    return config is not None and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
-def _mergeable(cache: Any) -> bool:
-    """Whether ``cache`` is one of :func:`_growing_cache`'s, whose rows can join
-    others (left-padded) and lose leading columns."""
-    return all(type(layer) is _GrowingLayer for layer in cache.layers)
+def _left_padded_cat(tensors: list[torch.Tensor], dim: int, value: int = 0) -> torch.Tensor:
+    """``tensors`` concatenated along dim 0, each first left-padded with ``value``
+    along ``dim`` (counted from the end, -1 or -2) to the widest."""
+    width = max(t.shape[dim] for t in tensors)
+    return torch.cat([F.pad(t, (0, 0) * (-dim - 1) + (width - t.shape[dim], 0), value=value) for t in tensors])
 
 
 @dataclass
@@ -183,20 +182,23 @@ class _Stream:
     cache: Any
     mask: torch.Tensor
     logits: torch.Tensor
+    grows: bool  # a cache of _GrowingLayer: rows can join it (left-padded) and it can lose leading columns
 
     @classmethod
     def prefill(cls, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
-                prefix_embeds: torch.Tensor | None) -> _Stream:
+                prefix_embeds: torch.Tensor | None, grows: bool) -> _Stream:
         """Run left-padded prompts (L, P) through ``model``; with ``prefix_embeds``
-        (m, d) in m attended slots in front (positions 0..m-1, as in training)."""
+        (m, d) in m attended slots in front (positions 0..m-1, as in training);
+        ``grows``: on a cache of :class:`_GrowingLayer` (see :func:`_grows_in_place`)."""
         context = contextlib.nullcontext()
         if prefix_embeds is not None:
             input_ids, mask = with_prefix_slots(input_ids, mask, prefix_embeds.shape[0])
             context = prefix_embeddings(model, prefix_embeds)
         with context:  # the prefill needs the last position's logits only
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
-                        cache=_growing_cache(model), use_cache=True, logits_to_keep=1)
-        return cls(model, out.cache, mask, out.logits[:, -1])
+                        cache=Cache(layer_class_to_replicate=_GrowingLayer) if grows else None, use_cache=True,
+                        logits_to_keep=1)
+        return cls(model, out.cache, mask, out.logits[:, -1], grows)
 
     def extend(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
         """Feed one token per row (L,).  Rows no longer ``live`` (L,) get a
@@ -212,20 +214,18 @@ class _Stream:
         self.cache.batch_select_indices(rows)
         self.mask, self.logits = self.mask[rows], self.logits[rows]
         lead = int(self.mask.any(0).to(torch.int8).argmax())
-        if lead >= max(16, self.mask.shape[1] // 8) and _mergeable(self.cache):  # worth a copy of the cache
+        if lead >= max(16, self.mask.shape[1] // 8) and self.grows:  # worth a copy of the cache
             self.cache = Cache(layers=[_GrowingLayer.holding(layer.keys[..., lead:, :], layer.values[..., lead:, :])
                                        for layer in self.cache.layers])
             self.mask = self.mask[:, lead:]
 
     def join(self, other: _Stream) -> None:
         """Append ``other``'s rows, the shorter side left-padded with unattended positions."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        pad = [width - self.mask.shape[1], width - other.mask.shape[1]]
         self.cache = Cache(layers=[
-            _GrowingLayer.holding(*(torch.cat([F.pad(a, (0, 0, pad[0], 0)), F.pad(b, (0, 0, pad[1], 0))])
-                                    for a, b in ((mine.keys, new.keys), (mine.values, new.values))))
+            _GrowingLayer.holding(_left_padded_cat([mine.keys, new.keys], -2),
+                                  _left_padded_cat([mine.values, new.values], -2))
             for mine, new in zip(self.cache.layers, other.cache.layers)])
-        self.mask = torch.cat([F.pad(self.mask, (pad[0], 0)), F.pad(other.mask, (pad[1], 0))])
+        self.mask = _left_padded_cat([self.mask, other.mask], -1)
         self.logits = torch.cat([self.logits, other.logits])
 
 
@@ -254,9 +254,7 @@ class _Rows:
         self.history = self.history[:, self.history.shape[1] - int(self.length.max()):]
 
     def join(self, other: _Rows, pad_token_id: int) -> None:
-        width = max(self.history.shape[1], other.history.shape[1])
-        self.history = torch.cat([F.pad(h, (width - h.shape[1], 0), value=pad_token_id)
-                                  for h in (self.history, other.history)])
+        self.history = _left_padded_cat([self.history, other.history], -1, pad_token_id)
         for name in ("index", "length", "drawn", "budget", "finished"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.keys = None if self.keys is None else torch.cat([self.keys, other.keys])
@@ -333,6 +331,7 @@ def sample(
         m.eval()
     device = next(model.parameters()).device
     processors = logits_processors(settings)
+    grows = [_grows_in_place(m) for m in models]
     independent = row_keys is not None or settings.temperature == 0  # no row's draw depends on another's
     pending = list(range(len(prompts)))[::-1]  # popped from the end: the given order
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -349,9 +348,9 @@ def sample(
             budget = torch.minimum(budget, (max_length - length).clamp(min=0))
         keys = None if row_keys is None else torch.tensor([row_keys[i] for i in chosen], dtype=torch.int64,
                                                            device=device)
-        streams = [_Stream.prefill(model, input_ids, prompt_mask, prefix_embeds)]
+        streams = [_Stream.prefill(model, input_ids, prompt_mask, prefix_embeds, grows[0])]
         if guide_model is not None:
-            streams.append(_Stream.prefill(guide_model, input_ids, prompt_mask, None))
+            streams.append(_Stream.prefill(guide_model, input_ids, prompt_mask, None, grows[1]))
         if progress is not None and bool((budget == 0).any()):
             progress(int((budget == 0).sum()))  # no room left: they end empty
         return _Rows(torch.tensor(chosen, device=device), input_ids, length, torch.zeros_like(length), budget,
@@ -375,7 +374,7 @@ def sample(
                 stream.extend(rows.history[:, -1], ~rows.finished)
             rows.fed = True
         room = capacity - (0 if rows is None else len(rows.index))
-        joinable = rows is not None and independent and all(_mergeable(s.cache) for s in rows.streams)
+        joinable = rows is not None and independent and all(grows)
         if pending and (rows is None or (joinable and room >= max(1, capacity // 4))):
             new = admit([pending.pop() for _ in range(min(room, len(pending)))])
             if rows is None:
