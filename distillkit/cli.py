@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from distillkit.errors import DistillkitError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="Plugin-based knowledge distillation for generative language models.")
 out = Console()
 err = Console(stderr=True)
@@ -24,9 +25,16 @@ err = Console(stderr=True)
 
 SET_HELP = ("override the recipe, in order (repeatable): key=value sets a key (a TOML value), key={...} replaces "
             "a whole table, '~key' removes a key (e.g. --set '~teacher.config' --set teacher.path=gpt2)")
+PUSH_HELP = "upload the student to this Hub model repository (OWNER/NAME, created if needed) with huggingface_hub"
+REPORT_TO_HELP = ("comma-separated experiment trackers (tensorboard, mlflow, wandb, trackio, ...), the same as "
+                  "--set logging.report_to=[...]")
 
 
 def _setup_logging() -> None:
+    # A deprecated or soon-removed API called from distillkit's own code stops the command (warnings are
+    # attributed to the calling module); one deep inside a dependency stays a warning.
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("error", category=category, module=r"distillkit(\.|$)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err, show_path=False)])
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, only rank 0 reports
@@ -65,9 +73,14 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("method", "plugin", "source", "teacher adapter", "description", title="registered methods")
+    # name and plugin never wrap; the description takes the rest of the terminal's width
+    table = Table(title="registered methods", expand=True)
+    table.add_column("method", no_wrap=True)
+    table.add_column("plugin", no_wrap=True)
+    table.add_column("description (pseudo-target source, teacher adapter)", ratio=1)
     for row in rows:
-        table.add_row(row["name"], row["plugin"], row["source"], str(row["teacher_adapter"]), row["description"])
+        table.add_row(row["name"], row["plugin"], f"{row['description']}\n[dim]source {row['source']}, teacher "
+                                                  f"{row['teacher_adapter'] or 'none'}[/]")
     out.print(table)
 
 
@@ -96,6 +109,7 @@ def train(
     recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
     output: Annotated[Path | None, typer.Option(help="run folder [default: runs/RECIPE/METHOD]")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    report_to: Annotated[str | None, typer.Option(help=REPORT_TO_HELP)] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --output from its latest checkpoint")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-device memory plan and whether it fits; "
@@ -106,9 +120,12 @@ def train(
     device_memory: Annotated[float | None, typer.Option(
         "--device-memory", metavar="GIB", help="with --dry-run: memory per device in GiB; default: the first CUDA "
                                                "device's free memory, else available CPU RAM")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(metavar="REPO", help=PUSH_HELP + "; checked before training, "
+                                                                         "best/ is uploaded at the end")] = None,
 ) -> None:
     """Distill (or fine-tune) a student with METHOD on RECIPE."""
     _setup_logging()
+    overrides = _overrides(set_, report_to)
     if dry_run:
         import os
 
@@ -116,7 +133,7 @@ def train(
 
         try:
             if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints
-                plan_run(method, recipe, overrides=set_ or [], accelerate_config=accelerate_config,
+                plan_run(method, recipe, overrides=overrides, accelerate_config=accelerate_config,
                          device_memory_gib=device_memory, console=out)
         except DistillkitError as error:
             _fail(error)
@@ -124,8 +141,34 @@ def train(
     from distillkit.training.pipeline import train as run_training
 
     try:
-        run_training(method, recipe, output=output, overrides=set_ or [], max_steps=max_steps, resume=resume,
-                     console=err)
+        run_training(method, recipe, output=output, overrides=overrides, max_steps=max_steps, resume=resume,
+                     console=err, push_to_hub=push_to_hub)
+    except DistillkitError as error:
+        _fail(error)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder (the --output of `distillkit train`)")],
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="new or empty folder to export into")],
+    eval_report: Annotated[list[Path] | None, typer.Option(
+        metavar="FILE", help="a JSON file of `distillkit eval --output` for the card's eval table (repeatable)")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(metavar="REPO", help=PUSH_HELP)] = None,
+) -> None:
+    """Copy RUN's best student into DIR as a Hub-ready model folder: weights,
+    config, generation config, tokenizer, model card (README.md), the teacher
+    adapter in peft's format and run.json; the run folder is only read."""
+    _setup_logging()
+    from distillkit.training.export import check_export, check_repo_id, export_run, push_folder, read_eval_reports
+
+    try:
+        check_export(run, folder)
+        if push_to_hub is not None:
+            check_repo_id(push_to_hub)
+        export_run(run, folder, read_eval_reports(eval_report or []))
+        out.print(f"exported {run} to {folder}")
+        if push_to_hub is not None:
+            out.print(f"pushed: {push_folder(folder, push_to_hub)}")
     except DistillkitError as error:
         _fail(error)
 
@@ -184,6 +227,11 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _overrides(set_: list[str] | None, report_to: str | None) -> list[str]:
+    """The ``--set`` assignments, then ``--report-to``'s ``logging.report_to``."""
+    return [*(set_ or []), *([] if report_to is None else [f"logging.report_to={json.dumps(_names(report_to))}"])]
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         return [int(s) for s in _names(text)]
@@ -201,31 +249,37 @@ def bench(
     output: Annotated[Path | None, typer.Option(help="bench folder [default: runs/bench/RECIPE]")] = None,
     limit: Annotated[int, typer.Option(help="evaluate on the first N examples of each set (0: all)")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    report_to: Annotated[str | None, typer.Option(help=REPORT_TO_HELP + "; one project (the bench folder's "
+                                                       "name), one run per method")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and memory estimate; train nothing")] = False,
 ) -> None:
     """Train METHODS on RECIPE side by side, evaluate them on the test sets,
     and write the quality and cost tables and plots (resumable)."""
     _setup_logging()
-    from distillkit.bench import BenchConfig, run_bench
+    from distillkit.bench import BenchConfig, answers_view, run_bench
     from distillkit.bench import dry_run as print_plan
     from distillkit.config import load_recipe
 
     try:
         _at_least("--limit", limit, 0, " (0: all)")
-        loaded = load_recipe(recipe, set_ or [])
+        overrides = _overrides(set_, report_to)
+        loaded = load_recipe(recipe, overrides)
         from distillkit.registry import registry
 
         names = registry().methods.names() if methods == "all" else _names(methods)
         config = BenchConfig(recipe, names, _names(data),
                              _seed_list(seeds) if seeds else list(loaded.eval.seeds),
-                             output or Path("runs") / "bench" / loaded.name, limit, set_ or [])
+                             output or Path("runs") / "bench" / loaded.name, limit, overrides)
         if dry_run:
             print_plan(config, out)
             return
         tables = run_bench(config, err)
     except DistillkitError as error:
         _fail(error)
-    typer.echo(f"{tables['quality']}\n\n{tables['cost']}\n\ntables and plots in {config.output}")  # unwrapped
+    out.print(answers_view(config))
+    typer.echo(f"\n{tables['quality']}\n\n{tables['cost']}\n")  # unwrapped, to paste as Markdown
+    written = ", ".join(f"{name}.png" for name in ("quality", "quality_vs_cost", "curves"))
+    typer.echo(f"tables (quality and cost .md/.csv, answers.md) and plots ({written}) in {config.output}")
 
 
 analyze = typer.Typer(no_args_is_help=True, help="Analyses of distilled students.")

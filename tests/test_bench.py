@@ -71,9 +71,20 @@ def test_bench_trains_evaluates_writes_tables_and_resumes(recipe_file, tmp_path,
                          tmp_path / "bench", limit=4)
     tables = run_bench(config, Console(quiet=True))
     for name in ("quality.md", "quality.csv", "cost.md", "cost.csv", "tables.json", "quality.png",
-                 "quality_vs_cost.png", "sft/train.log", "kd/best/model.safetensors"):
+                 "quality_vs_cost.png", "curves.png", "answers.md", "sft/train.log", "kd/best/model.safetensors"):
         assert (config.output / name).is_file(), name
     assert [line.split(" |")[0] for line in tables["quality"].splitlines()[2:5]] == ["| teacher", "| sft", "| kd"]
+    # the answers shown side by side are the evaluated responses to the set's first prompts, at the first seed
+    samples = json.loads((config.output / "results.json").read_text())["eval"]["kd"]["dolly"]["samples"]
+    assert len(samples) == 3 and set(samples[0]["responses"]) == {"10"}
+    answers = tables["answers"]
+    assert answers.count("### dolly test prompt") == 3 and "| reference |" in answers
+    kd_answer = " ".join(samples[0]["responses"]["10"].split()).replace("|", "\\|") or "(empty)"
+    assert f"| kd | {kd_answer} |" in answers and "| teacher |" in answers and "| sft |" in answers
+    # the curves come from each run's metrics.jsonl: the training loss at every logged step, validation at the end
+    curve = json.loads((config.output / "results.json").read_text())["train"]["kd"]["curve"]
+    assert [point["step"] for point in curve if "loss" in point] == [1, 2, 3]
+    assert [point["step"] for point in curve if "val/rougeL" in point] == [3]
     cost = {row["method"]: row for row in json.loads((config.output / "tables.json").read_text())["cost"]}
     assert cost["sft"]["steps"] == cost["kd"]["steps"] == 3
     assert cost["kd"]["peak_memory_mb"] > 0 and cost["kd"]["train_s"] > 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -21,6 +24,30 @@ def test_methods_json_lists_builtins():
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert {"sft", "kd"} <= set(rows)
     assert rows["kd"]["plugin"] == "distillkit:kd" and rows["kd"]["description"]
+
+
+def _cli_at_width(columns: int, *args: str) -> str:
+    """The command's output on a terminal ``columns`` wide (rich reads COLUMNS when the CLI module loads)."""
+    env = {**os.environ, "COLUMNS": str(columns)}
+    result = subprocess.run([sys.executable, "-m", "distillkit", *args], env=env, capture_output=True, text=True,
+                            check=True)
+    return result.stdout
+
+
+def test_the_methods_table_fits_an_80_column_terminal_without_cutting_names():
+    text = _cli_at_width(80, "methods")
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = json.loads(runner.invoke(app, ["methods", "--json"]).stdout)
+    for row in rows:  # every method and plugin name in full; the description wraps in a wide column
+        assert any(row["name"] in line and row["plugin"] in line for line in text.splitlines()), row["plugin"]
+    assert "reverse KL on dataset" in " ".join(" ".join(line.split()) for line in text.splitlines())
+
+
+def test_help_reflows_docstrings_to_the_terminal_width():
+    lines = _cli_at_width(120, "--help").splitlines()
+    # the docstrings break after "± std" and "test sets,"; at 120 columns each sentence continues on its line
+    assert any("with mean ± std over seeds" in line for line in lines)
+    assert any("on the test sets, and write" in line for line in lines)
 
 
 def test_recipes_json_lists_tiny():
@@ -63,3 +90,18 @@ def test_eval_errors(tmp_path):
     assert result.exit_code == 2 and "holds no model" in result.stderr
     result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly", "--seeds", "a,b"])
     assert result.exit_code == 2 and "--seeds expects comma-separated integers" in result.stderr
+
+
+def test_a_deprecated_call_from_distillkit_stops_the_command_and_one_inside_a_dependency_does_not():
+    import warnings
+
+    from distillkit.cli import _setup_logging
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # the filters a command starts from, not the test suite's
+        _setup_logging()
+        for category in (DeprecationWarning, FutureWarning):
+            with pytest.raises(category):
+                warnings.warn_explicit("old API", category, "sampling.py", 1, module="distillkit.engine.sampling")
+            warnings.warn_explicit("old API", category, "modeling_utils.py", 1, module="transformers.modeling_utils")
+    assert [w.category for w in caught] == [DeprecationWarning, FutureWarning]

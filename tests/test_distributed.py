@@ -72,7 +72,7 @@ def test_two_processes_train_the_same_parameters_as_one(method, recipe_file, tmp
     if method != "kd":
         assert states[0]["generated_tokens"] > 0
     if method == "promptkd":
-        files.append("best/teacher_adapter/soft_prompt.safetensors")
+        files.append("best/teacher_adapter/adapter_model.safetensors")
     for name in files:
         one, two = _weights(single, name), _weights(double, name)
         assert one.keys() == two.keys()
@@ -123,7 +123,7 @@ def test_deepspeed_zero2_accumulates_like_distillkit(method, recipe_file, tmp_pa
     recipe = recipe_file(steps=STEPS, eval_every=STEPS)
     _train(recipe, method, tmp_path / "plain", processes=1)
     _train(recipe, method, tmp_path / "zero2", processes=1, micro_batch_size=2, launch_config=config)
-    files = ["best/model.safetensors"] + (["best/teacher_adapter/soft_prompt.safetensors"] if method == "promptkd"
+    files = ["best/model.safetensors"] + (["best/teacher_adapter/adapter_model.safetensors"] if method == "promptkd"
                                           else [])
     for name in files:
         plain, engine = _weights(tmp_path / "plain", name), _weights(tmp_path / "zero2", name)

@@ -262,6 +262,11 @@ def test_cache_is_invalidated_by_new_weights_limit_or_a_broken_entry(model_dir: 
     generations.clear()
     evaluation.evaluate_sets(model_dir, ["dolly"], seeds=[10], limit=3, notice=lambda text: None)
     assert generations == [10]
+    (model_dir / "README.md").write_text("a new model card")  # records of the model, not the model: reused
+    (model_dir / "best.json").write_text('{"step": 3, "cost": {"elapsed_s": 1.5}}')
+    generations.clear()
+    evaluation.evaluate_sets(model_dir, ["dolly"], seeds=[10, 20], limit=2, notice=lambda text: None)
+    assert generations == []
     save_model(tiny_model(tokenizer, seed=4), tokenizer, model_dir)  # new weights, same folder
     generations.clear()
     evaluation.evaluate_sets(model_dir, ["dolly"], seeds=[10, 20], limit=2, notice=lambda text: None)

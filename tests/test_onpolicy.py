@@ -180,7 +180,7 @@ def test_promptkd_changes_prompt_never_teacher_and_resumes_exactly(recipe_file, 
     train("promptkd", recipe, output=tmp_path / "straight")
     teacher_dir = (tmp_path / "straight" / "teacher").resolve()
     teacher_before = load_file(teacher_dir / "model.safetensors")
-    prompt = load_file(tmp_path / "straight" / "best" / "teacher_adapter" / "soft_prompt.safetensors")["prompt"]
+    prompt = load_file(tmp_path / "straight" / "best" / "teacher_adapter" / "adapter_model.safetensors")["prompt_embeddings"]
     assert prompt.shape[0] == 7
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"teacher_adapter/l_kd", "teacher_adapter/l_reg", "student/loss"} <= set(records[0])

@@ -271,7 +271,8 @@ class TeacherAdapter(Protocol):
     ``extra_positions`` is how many positions it prepends to every sequence
     (a soft prompt's length; samples are capped to leave room for them).
     Optional: ``checkpoint_modules()`` (objects with ``state_dict``) and
-    ``save(folder)`` for adapters with trainable state.
+    ``save(folder)`` for adapters with trainable state (in peft's adapter
+    format, so that ``PeftModel.from_pretrained(teacher, folder)`` loads it).
     """
 
     extra_positions: int

@@ -161,8 +161,18 @@ class SoftPromptTeacher(FrozenTeacher):
         return self.model, self.prompt.weight.detach()
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt": self.prompt.weight.detach().cpu().contiguous()}, folder / "soft_prompt.safetensors")
+        """The prompt as peft's PROMPT_TUNING adapter (``adapter_config.json``,
+        ``adapter_model.safetensors`` with ``prompt_embeddings``, (m, d) fp32),
+        so that ``PeftModel.from_pretrained(teacher, folder)`` prepends it;
+        ``base_model_name_or_path``: the folder or hub id the teacher was loaded from."""
+        from peft import PromptTuningConfig
+
+        prompt = self.prompt.weight.detach().cpu().contiguous()
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.shape[0], token_dim=prompt.shape[1],
+                                    num_transformer_submodules=1, inference_mode=True,
+                                    base_model_name_or_path=getattr(self.model, "name_or_path", "") or None)
+        config.save_pretrained(folder)
+        save_file({"prompt_embeddings": prompt}, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 class _LoraState:

@@ -14,6 +14,7 @@ from distillkit.config.schema import (
     DataConfig,
     EvalConfig,
     GenerationConfig,
+    LoggingConfig,
     ModelConfig,
     Recipe,
     TokenizerConfig,
@@ -23,6 +24,6 @@ from distillkit.config.schema import (
     to_dict,
 )
 
-__all__ = ["DataConfig", "EvalConfig", "GenerationConfig", "ModelConfig", "Recipe", "RunConfig", "TokenizerConfig",
-           "TrainingConfig", "apply_overrides", "build", "find_recipe", "load_raw_recipe", "load_recipe", "merge",
-           "parse_override", "recipe_dir_files", "recipe_files", "resolve_run", "to_dict"]
+__all__ = ["DataConfig", "EvalConfig", "GenerationConfig", "LoggingConfig", "ModelConfig", "Recipe", "RunConfig",
+           "TokenizerConfig", "TrainingConfig", "apply_overrides", "build", "find_recipe", "load_raw_recipe",
+           "load_recipe", "merge", "parse_override", "recipe_dir_files", "recipe_files", "resolve_run", "to_dict"]

@@ -12,6 +12,7 @@ import tomllib
 
 from distillkit.config.assembly import resolve_section
 from distillkit.config.schema import Recipe, TrainingConfig, build, merge, option_error
+from distillkit.config.trackers import check_trackers
 from distillkit.errors import DistillkitError, OptionError, did_you_mean
 from distillkit.registry import registry
 
@@ -141,6 +142,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     reason = registry().generation_backends[recipe.generation.backend].unavailable()
     if reason is not None:
         raise DistillkitError(f"generation.backend = '{recipe.generation.backend}' cannot run here: {reason}")
+    check_trackers(recipe.logging.report_to)
     for section in ("teacher", "student"):
         sft = getattr(recipe, section).sft
         if sft is not None:

@@ -8,9 +8,13 @@ and ``--resume``::
     checkpoints/step-NNNNNNN/     a checkpoint; complete once it holds STATE_FILE
         trainer_state.json        STATE_FILE: the TrainerState
     checkpoints/step-NNNNNNN.tmp  a checkpoint being written (never read)
-    best/                         the best student so far (a model folder), with BEST_FILE
-        best.json                 its step and validation metrics
+    best/                         the best student so far (a transformers model folder with
+                                  generation_config.json), with BEST_FILE
+        best.json                 its step, validation metrics and cost so far (TrainerState's fields)
+        README.md                 its model card (distillkit.training.model_card)
+        teacher_adapter/          the teacher adapter's own save (peft's format), when it trains one
     teacher                       a link to the prepared teacher, when the method has one
+    trackers/                     TRACKERS: the experiment trackers' files ([logging] report_to)
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 BEST = "best"
 BEST_FILE = "best.json"
+CARD_FILE = "README.md"
+# what a model folder says about its model, not what the model computes (eval cells are keyed without them)
+RECORD_FILES = (BEST_FILE, CARD_FILE)
+TRACKERS = "trackers"
 
 
 @dataclass
@@ -165,10 +173,17 @@ def append_metrics(output_dir: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` in order (none if it is absent)."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def truncate_metrics(output_dir: Path, step: int) -> None:
     """Drop the records written after step ``step`` (those of steps a
     resumed run will redo), atomically."""
-    path = output_dir / METRICS_FILE
-    if path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    if (output_dir / METRICS_FILE).is_file():
+        kept = [record for record in read_metrics(output_dir) if record["step"] <= step]
+        write_text_atomic(output_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in kept))

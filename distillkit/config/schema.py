@@ -289,6 +289,25 @@ class TeacherSignalConfig(Section):
 
 
 @dataclass
+class LoggingConfig(Section):
+    """Experiment trackers besides ``metrics.jsonl`` (always written).
+    ``report_to``: accelerate's trackers (``"tensorboard"``, ``"mlflow"``,
+    ``"wandb"``, ``"trackio"``, ...; names and packages are checked when the
+    recipe loads).  They get the resolved recipe as hyper-parameters, every
+    ``metrics.jsonl`` record and the tokens generated so far, the sampled
+    validation responses (a table where the tracker has tables, markdown text
+    on TensorBoard) and the run's cost at the end; their files go to the run
+    folder's ``trackers/``, MLflow's (unless ``MLFLOW_TRACKING_URI`` is set) to
+    a SQLite store there, ``trackers/mlflow.db``.  ``project``: the project or
+    experiment (default: the recipe's name); ``run_name``: the run's name
+    (default: the method's).  All three may change when a run is resumed."""
+
+    report_to: list[str] = field(default_factory=list)
+    project: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
 class Recipe:
     """A whole recipe file."""
 
@@ -302,6 +321,7 @@ class Recipe:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_signal: TeacherSignalConfig = field(default_factory=TeacherSignalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import GenerationConfig as SavedGeneration
 
-from distillkit.config import ModelConfig
+from distillkit.config import GenerationConfig, ModelConfig
 from distillkit.config.assembly import check_model_spec
 from distillkit.errors import DistillkitError
 from distillkit.files import cache_root, fingerprint, publish_dir
@@ -364,10 +365,33 @@ def check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> N
             )
 
 
+def saved_generation(tokenizer: Any, sampling: GenerationConfig, max_length: int) -> SavedGeneration:
+    """The ``generation_config.json`` of a saved model: the tokenizer's BOS,
+    EOS and pad ids and ``sampling`` (``temperature`` 0: greedy; ``top_k``
+    0 written out, as transformers' default is 50; ``max_new_tokens`` 0: up
+    to ``max_length`` tokens in total)."""
+    settings: dict[str, Any] = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id",
+                                                                            "pad_token_id")}
+    settings["do_sample"] = sampling.temperature > 0
+    if settings["do_sample"]:
+        settings.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    if sampling.max_new_tokens:
+        settings["max_new_tokens"] = sampling.max_new_tokens
+    else:
+        settings["max_length"] = max_length
+    if sampling.no_repeat_ngram_size:
+        settings["no_repeat_ngram_size"] = sampling.no_repeat_ngram_size
+    return SavedGeneration(**settings)
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               state_dict: dict[str, torch.Tensor] | None = None, generation: SavedGeneration | None = None) -> None:
     """Write model weights (safetensors; ``state_dict`` if given, e.g. the
-    full weights gathered from a sharded model), config and tokenizer."""
+    full weights gathered from a sharded model), config and tokenizer, and
+    ``generation`` (:func:`saved_generation`) as ``generation_config.json``
+    in place of the model's own."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+    if generation is not None:
+        generation.save_pretrained(folder)

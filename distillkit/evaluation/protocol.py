@@ -24,7 +24,7 @@ from rouge_score import rouge_scorer
 
 from distillkit.api import TokenizedExample
 from distillkit.config import GenerationConfig, Recipe
-from distillkit.config.run_folder import BEST, recipe_of_model
+from distillkit.config.run_folder import BEST, RECORD_FILES, recipe_of_model
 from distillkit.config.schema import PromptSource
 from distillkit.engine.sampling import NOISE
 from distillkit.errors import DatasetUnavailable, DistillkitError
@@ -160,22 +160,25 @@ class EvalSetup:
     batch_size: int
 
 
+def eval_sampling(recipe: Recipe) -> GenerationConfig:
+    """The sampling settings of the recipe's final evaluation: ``[generation]``'s
+    with ``[eval]``'s ``max_new_tokens`` and ``no_repeat_ngram_size``."""
+    return recipe.generation.with_overrides(max_new_tokens=recipe.eval.max_new_tokens,
+                                            no_repeat_ngram_size=recipe.eval.no_repeat_ngram_size)
+
+
 def eval_setup(model: torch.nn.Module, recipe: Recipe, batch_size: int,
                notice: Callable[[str], None]) -> EvalSetup:
     """The lengths and sampling of the run's recipe (``batch_size`` 0: the
     recipe's), with lengths cut to the positions the model takes."""
     from distillkit.engine.models import max_positions
 
-    data_cfg, generation, eval_cfg = recipe.data, recipe.generation, recipe.eval
-    max_prompt_length, max_length = data_cfg.max_prompt_length, data_cfg.max_length
+    max_prompt_length, max_length = recipe.data.max_prompt_length, recipe.data.max_length
     positions = max_positions(model)
     if positions is not None and positions < max_length:
         notice(f"note: the model takes {positions} positions; max_length {max_length} -> {positions}")
         max_prompt_length, max_length = min(max_prompt_length, positions // 2), positions
-    return EvalSetup(max_prompt_length, max_length,
-                     generation.with_overrides(max_new_tokens=eval_cfg.max_new_tokens,
-                                               no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size),
-                     batch_size or generation.batch_size)
+    return EvalSetup(max_prompt_length, max_length, eval_sampling(recipe), batch_size or recipe.generation.batch_size)
 
 
 # --- test sets and the result cache -----------------------------------------------
@@ -208,8 +211,10 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     run's ``data.prompt``, asks), and read its cached cells.
 
     The cache lives under ``cache_root()/eval/<weights>/`` rather than in the
-    model folder: the key is a content hash of the model files, so a copied
-    or moved model reuses its scores, read-only model folders work, and run
+    model folder: the key is a content hash of the model files (not of its
+    records, :data:`~distillkit.config.run_folder.RECORD_FILES`: its card and
+    ``best.json``, which holds a wall time), so a copied, moved or exported
+    model reuses its scores, read-only model folders work, and run
     folders stay as training wrote them.  A cell's key also covers the
     examples (token ids and references, so data, template, filter and limit),
     the seed, lengths, sampling settings and device type (not the batch
@@ -248,12 +253,19 @@ def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
     return {"noise": NOISE, **{k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}}
 
 
+REPORTED_SAMPLES = 3  # a report shows the responses to a set's first 3 examples
+
+
 def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:
     result = EvalResult({seed: run.cells[seed]["rougeL"] for seed in seeds},
                         sum(run.cells[seed]["generated_tokens"] for seed in seeds))
+    samples = [{"instruction": tokenized.example.instruction, "input": tokenized.example.input,
+                "references": list(tokenized.example.references),
+                "responses": {str(seed): run.cells[seed]["samples"][index] for seed in seeds}}
+               for index, tokenized in enumerate(run.examples[:REPORTED_SAMPLES])]
     return {"model": str(model_dir), "data": run.name, "examples": len(run.examples),
             "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
-            "generated_tokens": result.generated_tokens, **run.extra}
+            "generated_tokens": result.generated_tokens, **run.extra, "samples": samples}
 
 
 def evaluate_sets(
@@ -273,13 +285,14 @@ def evaluate_sets(
     so only missing cells are generated.  ``progress(done, total)`` counts
     generated responses.  Returns per set a JSON-ready report (model, data,
     examples, rougeL per seed, mean, std, generated_tokens over all seeds,
-    and ``reference_filter`` for a length-filtered set), or
+    ``reference_filter`` for a length-filtered set, and ``samples``: the
+    first :data:`REPORTED_SAMPLES` examples with their responses per seed), or
     ``{"missing": reason}`` for a dataset whose files are absent for a known
     reason (``missing_reason``, e.g. UnNI)."""
     model, tokenizer, recipe = load_model_dir(model_dir)
     folder = Path(model.name_or_path)
     setup = eval_setup(model, recipe, batch_size, notice)
-    weights = files_fingerprint([p for p in folder.iterdir() if p.is_file()])
+    weights = files_fingerprint([p for p in folder.iterdir() if p.is_file() and p.name not in RECORD_FILES])
     reports: dict[str, dict] = {}
     runs = []
     for name in dict.fromkeys(sets):

@@ -1,5 +1,5 @@
 """The ``accelerate`` side of a run: the Accelerator of the launch layout
-(DeepSpeed told the recipe's micro-batching), the frozen teacher's
+(DeepSpeed told the recipe's micro-batching) and its experiment trackers, the frozen teacher's
 placement, the backward pass, sums over the processes and peak memory."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -17,11 +18,14 @@ from distillkit.engine.layout import cpu_processes, mixed_precision
 from distillkit.errors import DistillkitError
 
 
-def make_accelerator(training: TrainingConfig) -> Accelerator:
-    """The Accelerator of this launch, after checking that the global batch
-    splits into whole micro-batches on every process."""
+def make_accelerator(training: TrainingConfig, trackers: list[str] | None = None,
+                     tracker_dir: Path | None = None) -> Accelerator:
+    """The Accelerator of this launch, logging with the experiment
+    ``trackers`` (their files in ``tracker_dir``), after checking that the
+    global batch splits into whole micro-batches on every process."""
     accelerator = Accelerator(mixed_precision=mixed_precision(training.mixed_precision),
-                              step_scheduler_with_optimizer=False, cpu=cpu_processes())
+                              step_scheduler_with_optimizer=False, cpu=cpu_processes(), log_with=trackers or None,
+                              project_dir=tracker_dir)
     processes = accelerator.num_processes
     if training.batch_size % (processes * training.micro_batch_size):
         raise DistillkitError(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from distillkit.config import RunConfig
+from distillkit.config import Recipe, RunConfig
 from distillkit.config.run_folder import (
     BEST_FILE,
     METRICS_FILE,
@@ -19,14 +19,17 @@ from distillkit.config.run_folder import (
     read_run_file,
     run_settings,
 )
-from distillkit.engine.models import save_model
+from distillkit.engine.models import save_model, saved_generation
 from distillkit.errors import DistillkitError
+from distillkit.evaluation.protocol import eval_sampling
 from distillkit.files import replace_dir, write_json_atomic
+from distillkit.training.model_card import ADAPTER_DIR, write_model_card
 
 # recipe and manifest keys that may change when a run is resumed: they change no update done so far
 RESUMABLE = ("training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
              "training.log_every", "training.keep_checkpoints", "training.on_nonfinite", "training.progress_bar",
-             "training.final_checkpoint", "generation.batch_size")
+             "training.final_checkpoint", "generation.batch_size", "logging.report_to", "logging.project",
+             "logging.run_name")
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -65,21 +68,25 @@ def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Pa
 
 
 def save_best(accelerator: Accelerator, student: torch.nn.Module, teacher: Any, tokenizer: Any, folder: Path,
-              record: dict[str, Any], *, sharded: bool) -> None:
+              record: dict[str, Any], *, recipe: Recipe, sharded: bool) -> None:
     """The student (full weights, gathered from every process when it is
-    sharded; call it in every process), the teacher adapter's own files
-    (if it saves any) and ``record`` (its step and validation metrics) as
-    ``best.json``, replacing ``folder`` atomically."""
+    sharded; call it in every process) with ``generation_config.json``
+    (the recipe's evaluation sampling), the teacher adapter's own files (if
+    it saves any), ``record`` (its step, validation metrics and cost so far)
+    as ``best.json`` and the model card (the run folder is ``folder``'s
+    parent), replacing ``folder`` atomically."""
     # gathered (collectively) only when sharded: a copied state dict would store tied weights twice
     state = accelerator.get_state_dict(student) if sharded else None
     if not accelerator.is_main_process:
         return
 
     def write(scratch: Path) -> None:
-        save_model(accelerator.unwrap_model(student), tokenizer, scratch, state_dict=state)
+        generation = saved_generation(tokenizer, eval_sampling(recipe), recipe.data.max_length)
+        save_model(accelerator.unwrap_model(student), tokenizer, scratch, state_dict=state, generation=generation)
         save_adapter = getattr(teacher, "save", None)
         if save_adapter is not None:
-            save_adapter(scratch / "teacher_adapter")
+            save_adapter(scratch / ADAPTER_DIR)
         write_json_atomic(scratch / BEST_FILE, record, indent=2)
+        write_model_card(scratch, folder.parent)
 
     replace_dir(folder, write)

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from distillkit import ARTEFACTS_VERSION
 from distillkit.config import (
+    LoggingConfig,
     ModelConfig,
     Recipe,
     RunConfig,
@@ -49,6 +50,7 @@ from distillkit.engine.models import (
 from distillkit.errors import DistillkitError
 from distillkit.files import cache_root, exclusive, fingerprint, write_text_atomic
 from distillkit.registry import registry
+from distillkit.training.export import check_hub, push_folder
 from distillkit.training.outputs import check_run_folder
 from distillkit.training.trainer import Trainer
 
@@ -101,8 +103,9 @@ def prepared_model(session: Session, role: str) -> tuple[torch.nn.Module, Path |
             session.console.print(f"[bold]preparing the {role}[/]: supervised fine-tuning into {folder} (cached)")
             model = load_model(spec, session.tokenizer, role, teacher=session.recipe.teacher)
             check_length(model, session.recipe.data.max_length, role)
-            config = RunConfig(recipe=session.recipe, method="sft", options=registry().methods["sft"].options(),
-                               training=training)
+            # a cached preparation, shared by runs: not one of the runs the experiment trackers compare
+            config = RunConfig(recipe=dataclasses.replace(session.recipe, logging=LoggingConfig()), method="sft",
+                               options=registry().methods["sft"].options(), training=training)
             Trainer(config, model, session.tokenizer, session.data.train, session.data.validation, folder,
                     resume=True, console=session.console).fit()
             if state.is_main_process:
@@ -122,8 +125,11 @@ def train(
     max_steps: int | None = None,
     resume: bool = False,
     console: Console | None = None,
+    push_to_hub: str | None = None,
 ) -> Path:
-    """``distillkit train``: returns the best student checkpoint folder."""
+    """``distillkit train``: returns the best student checkpoint folder,
+    uploaded at the end to the Hub repository ``push_to_hub`` if given (the
+    Hub is checked before any model is loaded)."""
     console = console or Console(stderr=True)
     check_launch_layout()
     method = registry().methods[method_name]
@@ -135,6 +141,8 @@ def train(
         config.training.max_steps = max_steps
     output = output or Path("runs") / recipe.name / method_name
     check_run_folder(output, config, resume=resume)  # before any model is loaded
+    if push_to_hub is not None:
+        check_hub(push_to_hub)
     session = open_session(recipe, console)
     teacher, teacher_dir, teacher_tokenizer, aligner = None, None, None, None
     alignment = recipe.teacher_signal.alignment
@@ -168,4 +176,6 @@ def train(
         link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
     best = trainer.fit()
     console.print(f"[green]done[/]: best student in {best}")
+    if push_to_hub is not None and trainer.accelerator.is_main_process:
+        console.print(f"[green]pushed[/]: {push_folder(best, push_to_hub)}")
     return best

@@ -16,7 +16,9 @@ steps :mod:`~distillkit.training.validation` keeps the best student;
 every ``save_every`` steps a checkpoint is written
 (:mod:`~distillkit.training.checkpoints`), and ``resume`` continues from
 the latest one that loads, after checking that the folder holds a run of
-the same method and recipe (:mod:`~distillkit.training.outputs`).
+the same method and recipe (:mod:`~distillkit.training.outputs`).  Logged
+records go to ``metrics.jsonl`` and to the recipe's experiment trackers
+(:mod:`~distillkit.training.trackers`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from distillkit.training.optimizers import GroupOptimizers
 from distillkit.training.outputs import check_run_folder, save_best
 from distillkit.training.run import Run
 from distillkit.training.teacher_signals import prepare_teacher_signals
+from distillkit.training.trackers import Trackers, tracker_dir
 from distillkit.training.validation import Validation, is_improvement
 
 log = logging.getLogger(__name__)
@@ -114,7 +117,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         if not train_examples:
             raise DistillkitError("no training examples left after filtering; check data.max_prompt_length")
-        self.accelerator = make_accelerator(self.training)
+        self.accelerator = make_accelerator(self.training, config.recipe.logging.report_to, tracker_dir(output_dir))
         self.deepspeed, self.sharded = is_deepspeed(self.accelerator), is_sharded(self.accelerator)
         self.sums = GlobalSums(self.accelerator)
         set_seed(self.training.seed)
@@ -147,6 +150,7 @@ class Trainer:
         self.state_owners = run_state_owners(self.optimization.state_owners(), self.run.teacher, self.source,
                                              self.run.schedule_states if self.method.schedules else None)
         self.validation = Validation(self.run, validation_examples, self.accelerator)
+        self.trackers = Trackers(self.accelerator, config, output_dir)
         log.info("method %s, trainable parameters: %s", self.method.name, self.optimization.describe())
         self._resume_or_start(resume)
         self.accelerator.wait_for_everyone()  # every process has checked the folder before any writes to it
@@ -280,7 +284,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_run_file(self.output_dir, self.config, total_steps=total,
                            trainable_parameters=self.optimization.trainable_counts())
-        with self._progress() as progress:
+        with self.trackers.running(self.state.step), self._progress() as progress:
             task = progress.add_task(f"{self.method.name}", total=total, completed=self.state.step, status="")
             while self.state.step < total:
                 started, tokens_before = time.perf_counter(), self.state.tokens
@@ -301,11 +305,15 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(StepReport(step, seconds, dict(logs)))
                 if step % self.training.log_every == 0 or step == total:
-                    self._log({"step": step, **logs})
+                    self._log({"step": step, **logs}, generated_tokens=self.state.generated_tokens)
                 if step % eval_every == 0 or step == total:
                     self._validate(progress)
                 if (step % save_every == 0 and step < total) or (step == total and self.training.final_checkpoint):
                     self.save_checkpoint()
+            self.trackers.log({"step": self.state.step, "cost/train_s": self.state.elapsed_s,
+                               "cost/peak_memory_mb": self.state.peak_memory_mb,
+                               "cost/generated_tokens": self.state.generated_tokens,
+                               "cost/trainable_parameters": sum(self.optimization.trainable_counts().values())})
         return self.output_dir / BEST
 
     def _progress(self) -> Progress:
@@ -319,20 +327,27 @@ class Trainer:
         """Validation metrics; an improvement becomes the best student."""
         if not self.validation.examples:
             return
-        metrics = self.validation.metrics(self.sums, progress)
+        metrics, samples = self.validation.metrics(self.sums, progress)
         improved = is_improvement(metrics[self.training.select_by], self.state.best_metric, self.training.select_by)
         if improved:
             self.state.best_metric, self.state.best_step = metrics[self.training.select_by], self.state.step
+            cost = {"elapsed_s": self.state.elapsed_s, "peak_memory_mb": self.state.peak_memory_mb,
+                    "generated_tokens": self.state.generated_tokens, "tokens": self.state.tokens}
             save_best(self.accelerator, self.run.student, self.run.teacher, self.tokenizer, self.output_dir / BEST,
-                      {"step": self.state.step, **metrics}, sharded=self.sharded)
+                      {"step": self.state.step, **metrics, "cost": cost}, recipe=self.config.recipe,
+                      sharded=self.sharded)
         self._log({"step": self.state.step, "val/rougeL": metrics["rougeL"], "val/loss": metrics["loss"],
                    "best": improved})
+        self.trackers.log_samples(samples, self.state.step)
         progress.console.log(f"step {self.state.step}: validation ROUGE-L {metrics['rougeL']:.2f}, "
                              f"loss {metrics['loss']:.3f}" + (" (best)" if improved else ""))
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _log(self, record: dict[str, Any], **tracked: float) -> None:
+        """``record`` (with its ``"step"``) into ``metrics.jsonl`` and, with the ``tracked`` values besides, to the
+        experiment trackers."""
         if self.accelerator.is_main_process:
             append_metrics(self.output_dir, record)
+        self.trackers.log({**record, **tracked})
 
     def save_checkpoint(self) -> None:
         """Checkpoint the current step (see :func:`~distillkit.training.checkpoints.save_checkpoint`)."""

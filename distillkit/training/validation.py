@@ -6,6 +6,7 @@ choice of the best student."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -15,6 +16,17 @@ from distillkit.api import TokenizedExample, collate
 from distillkit.evaluation.protocol import evaluate
 from distillkit.training.accelerator import GlobalSums, is_sharded
 from distillkit.training.run import Run
+
+SHOWN_SAMPLES = 8  # sampled validation responses kept for the trackers' table (this process's first ones)
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    """One sampled validation response with its prompt (as the model saw it) and first reference."""
+
+    prompt: str
+    response: str
+    reference: str
 
 
 def is_improvement(metric: float, best: float | None, select_by: str) -> bool:
@@ -55,9 +67,10 @@ class Validation:
             tokens += batch.num_response_tokens
         return total, tokens
 
-    def metrics(self, sums: GlobalSums, progress: Progress) -> dict[str, float]:
+    def metrics(self, sums: GlobalSums, progress: Progress) -> tuple[dict[str, float], list[ValidationSample]]:
         """``{"rougeL", "loss"}`` over all validation examples, sampled with
-        the training seed (a ``progress`` task counts the responses)."""
+        the training seed (a ``progress`` task counts the responses), and the
+        first :data:`SHOWN_SAMPLES` responses of this process's share."""
         recipe = self.run.config.recipe
         share = self.share()
         task = progress.add_task("validation", total=len(share), status="")
@@ -68,4 +81,7 @@ class Validation:
         progress.remove_task(task)
         totals = [result.mean * len(share), len(share), *self.loss_sum(share)]
         rouge_sum, count, loss_sum, tokens = totals if is_sharded(self.accelerator) else sums.of(totals)
-        return {"rougeL": rouge_sum / max(count, 1), "loss": loss_sum / max(tokens, 1)}
+        responses = result.samples[self.run.config.training.seed][:SHOWN_SAMPLES]
+        samples = [ValidationSample(self.run.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), response.strip(),
+                                    e.example.references[0]) for e, response in zip(share, responses)]
+        return {"rougeL": rouge_sum / max(count, 1), "loss": loss_sum / max(tokens, 1)}, samples
