@@ -131,7 +131,7 @@ def train_method(config: BenchConfig, method: str) -> dict[str, Any]:
 
 
 def teacher_dir(config: BenchConfig) -> Path | None:
-    """The prepared teacher the runs used (their ``teacher`` link)."""
+    """The teacher's folder the runs used (their ``teacher`` link)."""
     links = [config.output / m / "teacher" for m in config.methods]
     return next((link.resolve() for link in links if link.exists()), None)
 
@@ -265,7 +265,8 @@ def write_plots(output: Path, quality: list[dict[str, Any]], cost: list[dict[str
                 axes.plot(*zip(*points), marker="." if key == "loss" else "o", label=row["method"])
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(label)
-        axes.legend(fontsize="small")
+        if axes.lines:
+            axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(output / "curves.png", dpi=120)
     plt.close("all")
@@ -404,8 +405,10 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
             def progress(n: int, total: int) -> None:
                 view.detail = f"eval {model}: {n}/{total} generations"
 
+            # a teacher's folder may hold no run of its own (a teacher without teacher.sft): the bench's settings
+            recipe = load_recipe(config.recipe, config.overrides) if model == "teacher" else None
             reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, progress=progress,
-                                    notice=lambda text: None)
+                                    notice=lambda text: None, recipe=recipe)
             results.data["eval"].setdefault(model, {}).update(reports)
         cell(f"eval {model}", not todo, work)
 
@@ -430,9 +433,12 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
     return tables
 
 
-def dry_run(config: BenchConfig, console: Console) -> None:
+def dry_run(config: BenchConfig, console: Console, *, time_steps: int = 0) -> None:
     """Print the cells and each method's memory plan per device (see
-    :mod:`distillkit.planning`), and whether it fits."""
+    :mod:`distillkit.planning`), and whether it fits; with ``time_steps`` N
+    > 0 also the measured time estimate (N timed steps per method, see
+    :mod:`distillkit.planning.timing`), written to ``OUTPUT/estimate.json``
+    to compare with the bench's measured cost."""
     from distillkit.engine.layout import resolve_layout
     from distillkit.planning import available_memory, estimate, verdict
 
@@ -459,3 +465,11 @@ def dry_run(config: BenchConfig, console: Console) -> None:
     console.print(memory)
     console.print(f"{device}: {free:,.0f} MiB; `distillkit train --method M --recipe {recipe.name} --dry-run` "
                   "itemises a method's plan")
+    if time_steps:
+        from distillkit.planning.timing import estimate_tables, estimate_time
+
+        estimated_time = estimate_time(recipe, config.methods, sets=config.sets, seeds=config.seeds,
+                                       limit=config.limit, time_steps=time_steps, console=console)
+        write_json_atomic(config.output / "estimate.json", estimated_time, indent=2)
+        console.print(estimate_tables(estimated_time))
+        console.print(f"written to {config.output / 'estimate.json'}", soft_wrap=True)

@@ -252,6 +252,9 @@ def bench(
     report_to: Annotated[str | None, typer.Option(help=REPORT_TO_HELP + "; one project (the bench folder's "
                                                        "name), one run per method")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and memory estimate; train nothing")] = False,
+    time_steps: Annotated[int, typer.Option(help="with --dry-run: also time N training steps per method and one "
+                                                 "sampling batch per test set, and print the estimated time of "
+                                                 "the bench (0: no timing, no weights loaded)")] = 0,
 ) -> None:
     """Train METHODS on RECIPE side by side, evaluate them on the test sets,
     and write the quality and cost tables and plots (resumable)."""
@@ -262,6 +265,10 @@ def bench(
 
     try:
         _at_least("--limit", limit, 0, " (0: all)")
+        _at_least("--time-steps", time_steps, 0, " (0: no timing)")
+        if time_steps and not dry_run:
+            raise DistillkitError("--time-steps measures for a dry run only; add --dry-run (a real bench "
+                                  "records its measured cost in cost.md)")
         overrides = _overrides(set_, report_to)
         loaded = load_recipe(recipe, overrides)
         from distillkit.registry import registry
@@ -271,7 +278,7 @@ def bench(
                              _seed_list(seeds) if seeds else list(loaded.eval.seeds),
                              output or Path("runs") / "bench" / loaded.name, limit, overrides)
         if dry_run:
-            print_plan(config, out)
+            print_plan(config, out, time_steps=time_steps)
             return
         tables = run_bench(config, err)
     except DistillkitError as error:

@@ -134,3 +134,25 @@ def test_a_bench_copied_to_a_fresh_folder_keeps_its_finished_rows(recipe_file, t
     assert trained == ["kd"] and evaluated == ["kd"]
     tables = json.loads((fresh / "tables.json").read_text())
     assert [row["model"] for row in tables["quality"]] == ["teacher", "sft", "kd"]
+
+
+def test_a_teacher_without_sft_is_scored_from_its_folder_with_the_bench_settings(recipe_file, tmp_path):
+    """No [teacher.sft] (as in the smollm2 recipe): the run links the folder the teacher loads from, and the
+    bench scores it with its own recipe's lengths and sampling (that folder holds no run to read them from)."""
+    from distillkit.config import load_recipe
+    from distillkit.data.prepare import recipe_tokenizer
+    from distillkit.engine.models import save_model
+
+    from .conftest import tiny_model
+
+    recipe = str(recipe_file(steps=2, eval_every=2))
+    shared, _ = recipe_tokenizer(load_recipe(recipe))  # the recipe's own (trained) tokenizer
+    folder = tmp_path / "teacher-model"
+    save_model(tiny_model(shared, seed=5), shared, folder)
+    config = BenchConfig(recipe, ["kd"], ["dolly"], [10], tmp_path / "bench", limit=2,
+                         overrides=["~teacher.config", "~teacher.sft", f'teacher.path="{folder}"'])
+    run_bench(config, Console(quiet=True))
+    assert (config.output / "kd" / "teacher").resolve() == folder.resolve()
+    report = json.loads((config.output / "results.json").read_text())["eval"]["teacher"]["dolly"]
+    assert report["examples"] == 2 and report["model"] == str(folder)
+    assert 0 < report["generated_tokens"] <= 2 * 8  # the test recipe's max_new_tokens = 8, not the defaults'

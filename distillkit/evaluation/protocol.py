@@ -127,11 +127,12 @@ def model_folder(model_dir: Path) -> Path:
     return model_dir
 
 
-def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, Recipe]:
-    """The model (on the GPU when there is one), tokenizer and the recipe of
-    the run that produced it (see :func:`~distillkit.config.run_folder.recipe_of_model`)
-    in a model folder, or in a run folder's ``best/``; ``model.name_or_path``
-    is the folder read."""
+def load_model_dir(model_dir: Path, recipe: Recipe | None = None) -> tuple[torch.nn.Module, Any, Recipe]:
+    """The model (on the GPU when there is one), tokenizer and ``recipe``,
+    by default the recipe of the run that produced it (see
+    :func:`~distillkit.config.run_folder.recipe_of_model`), in a model
+    folder, or in a run folder's ``best/``; ``model.name_or_path`` is the
+    folder read."""
     from transformers import AutoModelForCausalLM
 
     from distillkit.engine.models import load_tokenizer
@@ -139,8 +140,8 @@ def load_model_dir(model_dir: Path) -> tuple[torch.nn.Module, Any, Recipe]:
     model_dir = model_folder(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model, tokenizer, recipe_of_model(model_dir)
+    model.to(eval_device())
+    return model, tokenizer, recipe or recipe_of_model(model_dir)
 
 
 def recipe_seeds(model_dir: Path) -> list[int]:
@@ -167,6 +168,17 @@ def eval_sampling(recipe: Recipe) -> GenerationConfig:
                                             no_repeat_ngram_size=recipe.eval.no_repeat_ngram_size)
 
 
+def validation_sampling(recipe: Recipe) -> GenerationConfig:
+    """The sampling settings of validation during training: ``[generation]``'s
+    with ``[eval]``'s ``max_new_tokens``."""
+    return recipe.generation.with_overrides(max_new_tokens=recipe.eval.max_new_tokens)
+
+
+def eval_device() -> str:
+    """Where a model is evaluated: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def eval_setup(model: torch.nn.Module, recipe: Recipe, batch_size: int,
                notice: Callable[[str], None]) -> EvalSetup:
     """The lengths and sampling of the run's recipe (``batch_size`` 0: the
@@ -182,6 +194,35 @@ def eval_setup(model: torch.nn.Module, recipe: Recipe, batch_size: int,
 
 
 # --- test sets and the result cache -----------------------------------------------
+
+
+def load_test_set(name: str, tokenizer: Any, setup: EvalSetup, *, prompt: PromptSource, limit: int,
+                  notice: Callable[[str], None]) -> tuple[list[TokenizedExample], dict[str, Any]]:
+    """A test set loaded, filtered (the dataset's reference length), cut to
+    its first ``limit`` examples (0: all) and tokenized with prompts cut to
+    ``setup``'s lengths; with the record of the reference filter, if any
+    (``{"reference_filter": ...}``).  Raises
+    :class:`~distillkit.errors.DatasetUnavailable` for a dataset whose files
+    are absent for a known reason."""
+    from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
+    from distillkit.data.tokenization import tokenize
+
+    rows = load_eval_set(name, prompt)
+    spec = dataset_spec(name)
+    minimum = spec.min_reference_tokens if spec is not None else 0
+    kept = keep_long_references(rows, tokenizer, minimum)
+    examples = kept[: limit or None]
+    extra = {}
+    if minimum:
+        extra["reference_filter"] = {"min_tokens": minimum, "counted_with": str(tokenizer.name_or_path),
+                                     "kept": len(kept), "rows": len(rows)}
+        notice(f"{name}: {len(kept)} of {len(rows)} examples have a reference of >= {minimum} tokens "
+               "(counted with the model's tokenizer)")
+    if not examples:
+        raise DistillkitError(f"test set '{name}' has no examples to evaluate")
+    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=setup.max_prompt_length,
+                            max_length=setup.max_length, long_prompts="cut_left")
+    return tokenized, extra
 
 
 @dataclass
@@ -219,24 +260,7 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     examples (token ids and references, so data, template, filter and limit),
     the seed, lengths, sampling settings and device type (not the batch
     size: the samples do not depend on it, see :func:`generate`)."""
-    from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
-    from distillkit.data.tokenization import tokenize
-
-    rows = load_eval_set(name, prompt)
-    spec = dataset_spec(name)
-    minimum = spec.min_reference_tokens if spec is not None else 0
-    kept = keep_long_references(rows, tokenizer, minimum)
-    examples = kept[: limit or None]
-    extra = {}
-    if minimum:
-        extra["reference_filter"] = {"min_tokens": minimum, "counted_with": str(tokenizer.name_or_path),
-                                     "kept": len(kept), "rows": len(rows)}
-        notice(f"{name}: {len(kept)} of {len(rows)} examples have a reference of >= {minimum} tokens "
-               "(counted with the model's tokenizer)")
-    if not examples:
-        raise DistillkitError(f"test set '{name}' has no examples to evaluate")
-    tokenized, _ = tokenize(examples, tokenizer, max_prompt_length=setup.max_prompt_length,
-                            max_length=setup.max_length, long_prompts="cut_left")
+    tokenized, extra = load_test_set(name, tokenizer, setup, prompt=prompt, limit=limit, notice=notice)
     content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
     folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
     shape = {k: v for k, v in dataclasses.asdict(setup).items() if k != "batch_size"}
@@ -277,6 +301,7 @@ def evaluate_sets(
     batch_size: int = 0,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] = print,
+    recipe: Recipe | None = None,
 ) -> dict[str, dict]:
     """ROUGE-L of a saved model (or a run's best checkpoint) on each test set
     (registered dataset names, whose test split is used, or data files), with
@@ -288,8 +313,10 @@ def evaluate_sets(
     ``reference_filter`` for a length-filtered set, and ``samples``: the
     first :data:`REPORTED_SAMPLES` examples with their responses per seed), or
     ``{"missing": reason}`` for a dataset whose files are absent for a known
-    reason (``missing_reason``, e.g. UnNI)."""
-    model, tokenizer, recipe = load_model_dir(model_dir)
+    reason (``missing_reason``, e.g. UnNI).  ``recipe``: the lengths, prompt
+    template and sampling settings to use instead of those of the run that
+    produced the model (:func:`load_model_dir`)."""
+    model, tokenizer, recipe = load_model_dir(model_dir, recipe)
     folder = Path(model.name_or_path)
     setup = eval_setup(model, recipe, batch_size, notice)
     weights = files_fingerprint([p for p in folder.iterdir() if p.is_file() and p.name not in RECORD_FILES])

@@ -24,6 +24,11 @@ def total_steps(training: TrainingConfig, num_examples: int) -> int:
     return max(1, math.ceil(training.epochs * math.ceil(num_examples / training.batch_size)))
 
 
+def eval_interval(training: TrainingConfig, num_examples: int) -> int:
+    """Steps between two validations: ``eval_every``, by default one epoch."""
+    return training.eval_every or math.ceil(num_examples / training.batch_size)
+
+
 def recipe_order(training: TrainingConfig, examples: list[TokenizedExample], epoch: int) -> list[int]:
     """The recipe's order of epoch ``epoch``: with ``shuffle``, a fixed
     permutation per epoch (seeded by training seed and epoch, so resume is

@@ -58,7 +58,7 @@ from distillkit.training.accelerator import (
     peak_memory_mb,
     place_teacher,
 )
-from distillkit.training.batches import ExampleOrder, StepExamples, micro_chunks, total_steps
+from distillkit.training.batches import ExampleOrder, StepExamples, eval_interval, micro_chunks, total_steps
 from distillkit.training.checkpoints import load_latest_checkpoint, run_state_owners, save_checkpoint
 from distillkit.training.optimizers import GroupOptimizers
 from distillkit.training.outputs import check_run_folder, save_best
@@ -91,7 +91,10 @@ class Trainer:
     called in every process after each optimizer step with its
     :class:`StepReport`.  ``teacher_tokenizer`` and ``aligner``: a teacher
     with its own tokenizer and the built vocabulary alignment
-    (``[teacher_signal] alignment``; see :class:`~distillkit.training.run.Run`)."""
+    (``[teacher_signal] alignment``; see :class:`~distillkit.training.run.Run`).
+    ``data_setup_s``: the seconds the construction spent on the one-off work
+    over the training examples (building the source, e.g. SeqKD's teacher
+    generations, and filling the top-k teacher-signal cache)."""
 
     def __init__(
         self,
@@ -139,9 +142,11 @@ class Trainer:
             teacher = place_teacher(self.accelerator, teacher, config.recipe.teacher.placement)
             adapter = registry().teacher_adapters[self.method.teacher_adapter]
             self.run.teacher = adapter.build(teacher, self.run, **self.method.teacher_adapter_options(config.options))
+        started = time.perf_counter()
         self.source = registry().sources[self.method.source].build(self.run, **self.method.source_options(config.options))
         with self._progress() as progress:
             self.signals = prepare_teacher_signals(self.run, self.accelerator, progress)
+        self.data_setup_s = time.perf_counter() - started
         self.optimization = GroupOptimizers(self.accelerator, self.run, self.method)
         for name in self.method.schedules:
             if name not in registry().schedules or not registry().schedules[name].stateful:
@@ -279,7 +284,7 @@ class Trainer:
     def fit(self) -> Path:
         """Train to K steps (or continue a resumed run); returns the best checkpoint."""
         total = self.run.total_steps
-        eval_every = self.training.eval_every or self.examples.steps_per_epoch
+        eval_every = eval_interval(self.training, len(self.examples.examples))
         save_every = self.training.save_every or eval_every
         if self.accelerator.is_main_process:
             write_run_file(self.output_dir, self.config, total_steps=total,

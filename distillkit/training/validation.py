@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from rich.progress import Progress
 
 from distillkit.api import TokenizedExample, collate
-from distillkit.evaluation.protocol import evaluate
+from distillkit.evaluation.protocol import evaluate, validation_sampling
 from distillkit.training.accelerator import GlobalSums, is_sharded
 from distillkit.training.run import Run
 
@@ -75,7 +75,7 @@ class Validation:
         share = self.share()
         task = progress.add_task("validation", total=len(share), status="")
         result = evaluate(self.accelerator.unwrap_model(self.run.student), self.run.tokenizer, share,
-                          recipe.generation.with_overrides(max_new_tokens=recipe.eval.max_new_tokens),
+                          validation_sampling(recipe),
                           seeds=[self.run.config.training.seed], batch_size=recipe.generation.batch_size,
                           max_length=recipe.data.max_length, progress=lambda n: progress.advance(task, n))
         progress.remove_task(task)
