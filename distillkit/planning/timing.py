@@ -7,8 +7,10 @@ preparations: the same shapes, so the same cost per step), each trainer
 built on the first (1 + N) x ``batch_size`` training examples without
 validation examples, in a scratch run folder:
 
-- a method's seconds per optimizer step: the median of N steps after one
-  warm-up step; x its resolved total steps;
+- a method's seconds per optimizer step: the mean of N steps after one
+  warm-up step (a mean, so that work done every few steps, such as
+  MiniLLM's rollout collection every ``ppo_epochs`` steps, counts; N should
+  then span such a period); x its resolved total steps;
 - its setup: the trainer's construction, whose one-off work over the
   training examples (:attr:`~distillkit.training.trainer.Trainer.data_setup_s`:
   the source, e.g. SeqKD's teacher generations, and a top-k teacher-signal
@@ -148,7 +150,7 @@ def measure_sampling(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, set
 
 def time_training(session: Session, config: RunConfig, models: RunModels, time_steps: int,
                   scratch: Path) -> tuple[float, float]:
-    """(median seconds per step, setup seconds extrapolated to all training
+    """(mean seconds per step, setup seconds extrapolated to all training
     examples) of ``config``'s run on ``models`` (see the module docstring)."""
     training = dataclasses.replace(config.training, max_steps=1 + time_steps, eval_every=0, save_every=0,
                                    final_checkpoint=False, progress_bar=False)
@@ -165,7 +167,7 @@ def time_training(session: Session, config: RunConfig, models: RunModels, time_s
         trainer.fit()
     setup = built + trainer.data_setup_s * (len(session.data.train) / len(used) - 1)
     trainer.accelerator.free_memory()
-    return statistics.median(seconds[1:]), setup
+    return statistics.fmean(seconds[1:]), setup
 
 
 def _validations(training: TrainingConfig, session: Session, rate: float | None) -> tuple[int, float]:
