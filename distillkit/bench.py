@@ -293,16 +293,23 @@ def answers(results: Results, models: list[str], sets: list[str], seed: int) -> 
 def answers_markdown(shown: list[dict[str, Any]], seed: int) -> str:
     lines = []
     for index, item in enumerate(shown, 1):
-        prompt = item["instruction"] + (f" [{item['input']}]" if item["input"] else "")
-        lines += [f"### {item['set']} test prompt {index}: {prompt}", "", "| model | response (seed "
+        lines += [f"### {item['set']} test prompt {index}: {_prompt(item)}", "", "| model | response (seed "
                   f"{seed}) |", "|---|---|", f"| reference | {_cell_text(item['reference'])} |"]
         lines += [f"| {model} | {_cell_text(text)} |" for model, text in item["responses"].items()]
         lines.append("")
     return "\n".join(lines)
 
 
+def _prompt(item: dict[str, Any]) -> str:
+    return item["instruction"] + (f" [{item['input']}]" if item["input"] else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(empty)"
+
+
 def _cell_text(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+    return _one_line(text).replace("|", "\\|")
 
 
 def answers_tables(shown: list[dict[str, Any]], seed: int, width: int = 400) -> Group:
@@ -310,13 +317,12 @@ def answers_tables(shown: list[dict[str, Any]], seed: int, width: int = 400) -> 
     (cut to ``width`` characters), for the terminal's width."""
     tables = []
     for index, item in enumerate(shown, 1):
-        prompt = item["instruction"] + (f" [{item['input']}]" if item["input"] else "")
-        table = Table(title=f"{item['set']} test prompt {index}: {prompt}", expand=True, show_lines=True,
+        table = Table(title=f"{item['set']} test prompt {index}: {_prompt(item)}", expand=True, show_lines=True,
                       title_justify="left")
         table.add_column("model", no_wrap=True, style="bold")
         table.add_column(f"response (seed {seed})", ratio=1)
         for model, text in {"reference": item["reference"], **item["responses"]}.items():
-            flat = " ".join(text.split()) or "(empty)"
+            flat = _one_line(text)
             table.add_row(model, flat if len(flat) <= width else flat[:width] + " …",
                           style="dim" if model == "reference" else None)
         tables.append(table)
