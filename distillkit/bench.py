@@ -53,6 +53,19 @@ class BenchConfig:
     output: Path
     limit: int = 0  # evaluate on the first N examples of each set (0: all)
     overrides: list[str] = field(default_factory=list)
+    subsets: dict[str, int] = field(default_factory=dict)  # set -> size of its seeded random subset
+
+    def covers(self, name: str, reports: dict[str, dict[str, Any]]) -> bool:
+        """Whether ``reports`` (one model's) hold set ``name`` as this bench
+        evaluates it: a report of another selection (another ``--limit`` or
+        ``--subset``) is evaluated again rather than mixed into the tables;
+        a set whose data is missing is done."""
+        report = reports.get(name)
+        if report is None or "missing" in report:
+            return report is not None
+        # reports written before subsets existed carry only limit (0: all examples)
+        return (report.get("limit", 0), report.get("subset", {}).get("size", 0)) == \
+            (self.limit, self.subsets.get(name, 0))
 
     def validate(self) -> None:
         """Fail before any work on an unknown method or set name."""
@@ -63,6 +76,12 @@ class BenchConfig:
             if name not in datasets.names() and not Path(name).is_file():
                 raise DistillkitError(f"unknown test set '{name}'{did_you_mean(name, datasets.names())}; "
                                       f"registered: {', '.join(datasets.names())} (or give a data file)")
+        for name, size in self.subsets.items():
+            if name not in self.sets:
+                raise DistillkitError(f"--subset {name}={size} names a set that is not evaluated; "
+                                      f"evaluated: {', '.join(self.sets)}")
+            if size < 1:
+                raise DistillkitError(f"--subset {name}={size}: the size must be >= 1")
 
 
 class Results:
@@ -137,6 +156,20 @@ def teacher_dir(config: BenchConfig) -> Path | None:
 
 
 # --- tables ------------------------------------------------------------------
+
+
+def selection_notes(config: BenchConfig, results: Results) -> list[str]:
+    """One line per reduced set: how many of its examples were evaluated."""
+    notes = []
+    for name in config.sets:
+        reports = [r[name] for r in results.data["eval"].values() if "examples" in r.get(name, {})]
+        if config.subsets.get(name) and reports:
+            subset = reports[0]["subset"]
+            notes.append(f"- {name}: a fixed random subset of {reports[0]['examples']} of its {subset['of']} "
+                         f"examples (seed {subset['seed']}, the same for every model)")
+    if config.limit:
+        notes.append(f"- every set: its first {config.limit} examples")
+    return notes
 
 
 def missing_sets(results: Results) -> dict[str, str]:
@@ -345,14 +378,16 @@ def write_tables(config: BenchConfig, results: Results) -> dict[str, str]:
     quality = quality_rows(results, models, config.sets)
     missing = missing_sets(results)
     cost = cost_rows(results, config.methods)
-    tables = {"quality": quality_markdown(quality, config.sets, missing), "cost": cost_markdown(cost),
+    quality_text = "\n".join([quality_markdown(quality, config.sets, missing), *selection_notes(config, results)])
+    tables = {"quality": quality_text, "cost": cost_markdown(cost),
               "answers": answers_markdown(answers(results, models, config.sets, config.seeds[0]), config.seeds[0])}
     for name, text in tables.items():
         (config.output / f"{name}.md").write_text(text + "\n")
     write_csv(config.output / "quality.csv", quality)
     write_csv(config.output / "cost.csv", cost)
     (config.output / "tables.json").write_text(json.dumps(
-        {"recipe": config.recipe, "seeds": config.seeds, "limit": config.limit, "quality": quality, "cost": cost},
+        {"recipe": config.recipe, "seeds": config.seeds, "limit": config.limit, "subsets": config.subsets,
+         "quality": quality, "cost": cost},
         indent=2) + "\n")
     write_plots(config.output, quality, cost, config.sets)
     return tables
@@ -402,7 +437,7 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
         results.save()
 
     def evaluate(model: str, folder: Path | None) -> None:
-        todo = [s for s in config.sets if s not in results.data["eval"].get(model, {})]
+        todo = [s for s in config.sets if not config.covers(s, results.data["eval"].get(model, {}))]
 
         def work() -> None:
             if folder is None:  # evaluate_sets reports a folder without a model itself
@@ -413,14 +448,14 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
 
             # a teacher's folder may hold no run of its own (a teacher without teacher.sft): the bench's settings
             recipe = load_recipe(config.recipe, config.overrides) if model == "teacher" else None
-            reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, progress=progress,
-                                    notice=lambda text: None, recipe=recipe)
+            reports = evaluate_sets(folder, todo, seeds=config.seeds, limit=config.limit, subsets=config.subsets,
+                                    progress=progress, notice=lambda text: None, recipe=recipe)
             results.data["eval"].setdefault(model, {}).update(reports)
         cell(f"eval {model}", not todo, work)
 
     with Live(view, console=console, refresh_per_second=2):
         for method in config.methods:  # each method trained, then evaluated: a finished row survives a kill
-            evaluated = all(s in results.data["eval"].get(method, {}) for s in config.sets)
+            evaluated = all(config.covers(s, results.data["eval"].get(method, {})) for s in config.sets)
             if not evaluated and not (config.output / method / "best").is_dir():
                 results.data["train"].pop(method, None)  # its run folder is gone (e.g. another machine): retrain
 
@@ -457,7 +492,8 @@ def dry_run(config: BenchConfig, console: Console, *, time_steps: int = 0) -> No
                                         f"from {method_spec.student_init} student")
     for model in ["teacher", *config.methods]:
         plan.add_row(f"eval {model}", f"{', '.join(config.sets)} x seeds {config.seeds}"
-                                      + (f", first {config.limit} examples" if config.limit else ""))
+                                      + (f", first {config.limit} examples" if config.limit else "")
+                                      + "".join(f", {n} of {name} (seeded subset)" for name, n in config.subsets.items()))
     console.print(plan)
     layout = resolve_layout()
     device, free = available_memory(layout)
@@ -475,7 +511,8 @@ def dry_run(config: BenchConfig, console: Console, *, time_steps: int = 0) -> No
         from distillkit.planning.timing import estimate_tables, estimate_time
 
         estimated_time = estimate_time(recipe, config.methods, sets=config.sets, seeds=config.seeds,
-                                       limit=config.limit, time_steps=time_steps, console=console)
+                                       limit=config.limit, subsets=config.subsets, time_steps=time_steps,
+                                       console=console)
         write_json_atomic(config.output / "estimate.json", estimated_time, indent=2)
         console.print(estimate_tables(estimated_time))
         console.print(f"written to {config.output / 'estimate.json'}", soft_wrap=True)

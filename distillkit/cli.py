@@ -173,6 +173,10 @@ def export(
         _fail(error)
 
 
+SUBSET_HELP = ("SET=N: evaluate SET on a fixed random subset of N examples, the same for every model "
+               "(repeatable; a reduced protocol that still spans the set)")
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Option(help="model folder, or a run folder (its best checkpoint is used)")],
@@ -181,6 +185,7 @@ def eval_(
     seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the run's recipe's, "
                                                    "else 10,20,30,40,50]")] = None,
     limit: Annotated[int, typer.Option(help="evaluate only the first N examples of each set (0: all)")] = 0,
+    subset: Annotated[list[str] | None, typer.Option(help=SUBSET_HELP)] = None,
     output: Annotated[Path | None, typer.Option(help="write the reports to this JSON file")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 0,
 ) -> None:
@@ -197,7 +202,8 @@ def eval_(
         seed_list = _seed_list(seeds) if seeds else recipe_seeds(model)
         with Progress(*columns, console=err) as progress:
             task = progress.add_task(f"eval {', '.join(sets)}", total=None)
-            reports = evaluate_sets(model, sets, seeds=seed_list, limit=limit, batch_size=batch_size,
+            reports = evaluate_sets(model, sets, seeds=seed_list, limit=limit, subsets=_subsets(subset),
+                                    batch_size=batch_size,
                                     progress=lambda done, total: progress.update(task, completed=done, total=total),
                                     notice=err.print)
     except DistillkitError as error:
@@ -239,6 +245,17 @@ def _seed_list(text: str) -> list[int]:
         raise DistillkitError(f"--seeds expects comma-separated integers, got '{text}'") from None
 
 
+def _subsets(items: list[str] | None) -> dict[str, int]:
+    """``--subset SET=N`` options as {SET: N}."""
+    subsets = {}
+    for item in items or []:
+        name, _, size = item.partition("=")
+        if not name or not size.strip().isdigit():
+            raise DistillkitError(f"--subset expects SET=N (e.g. sni=100), got '{item}'")
+        subsets[name.strip()] = int(size)
+    return subsets
+
+
 @app.command()
 def bench(
     recipe: Annotated[str, typer.Option(help="recipe name (see `distillkit recipes`) or path to a .toml")],
@@ -248,6 +265,7 @@ def bench(
     seeds: Annotated[str | None, typer.Option(help="comma-separated sampling seeds [default: the recipe's]")] = None,
     output: Annotated[Path | None, typer.Option(help="bench folder [default: runs/bench/RECIPE]")] = None,
     limit: Annotated[int, typer.Option(help="evaluate on the first N examples of each set (0: all)")] = 0,
+    subset: Annotated[list[str] | None, typer.Option(help=SUBSET_HELP)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     report_to: Annotated[str | None, typer.Option(help=REPORT_TO_HELP + "; one project (the bench folder's "
                                                        "name), one run per method")] = None,
@@ -276,7 +294,7 @@ def bench(
         names = registry().methods.names() if methods == "all" else _names(methods)
         config = BenchConfig(recipe, names, _names(data),
                              _seed_list(seeds) if seeds else list(loaded.eval.seeds),
-                             output or Path("runs") / "bench" / loaded.name, limit, overrides)
+                             output or Path("runs") / "bench" / loaded.name, limit, overrides, _subsets(subset))
         if dry_run:
             print_plan(config, out, time_steps=time_steps)
             return

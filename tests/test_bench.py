@@ -156,3 +156,35 @@ def test_a_teacher_without_sft_is_scored_from_its_folder_with_the_bench_settings
     report = json.loads((config.output / "results.json").read_text())["eval"]["teacher"]["dolly"]
     assert report["examples"] == 2 and report["model"] == str(folder)
     assert 0 < report["generated_tokens"] <= 2 * 8  # the test recipe's max_new_tokens = 8, not the defaults'
+
+
+def test_a_subset_names_an_evaluated_set_and_a_report_of_another_selection_is_redone(recipe_file, tmp_path,
+                                                                                      monkeypatch):
+    config = BenchConfig(str(recipe_file()), ["sft"], ["dolly"], [10], tmp_path / "b", subsets={"sni": 10})
+    with pytest.raises(DistillkitError, match="--subset sni=10 names a set that is not evaluated"):
+        run_bench(config, Console(quiet=True))
+    config = BenchConfig(str(recipe_file(steps=2, eval_every=2)), ["sft"], ["dolly", "vicuna-raw"], [10],
+                         tmp_path / "bench", subsets={"vicuna-raw": 3}, limit=2)
+    results = Results(config.output / "results.json")
+    whole = {"examples": 2, "limit": 2, "mean": 1.0, "std": 0.0}  # an earlier bench evaluated all of vicuna-raw
+    results.data["eval"] = {"teacher": {"dolly": dict(whole), "vicuna-raw": dict(whole)},
+                            "sft": {"dolly": dict(whole), "vicuna-raw": dict(whole)}}
+    results.data["train"] = {"sft": {"steps": 2, "train_s": 1.0}}
+    config.output.mkdir(parents=True)
+    results.save()
+    (config.output / "sft" / "best").mkdir(parents=True)  # trained before
+    evaluated = []
+    monkeypatch.setattr(bench, "train_method", lambda *a: pytest.fail("sft was trained before"))
+    monkeypatch.setattr(bench, "teacher_dir", lambda cfg: tmp_path / "teacher")
+    import distillkit.evaluation.protocol as evaluation
+
+    def fake(folder, sets, **kwargs):
+        evaluated.append((folder.name, tuple(sets), kwargs["subsets"]))
+        return {name: {**whole, "examples": 2, "subset": {"size": 3, "of": 80, "seed": 0}} for name in sets}
+    monkeypatch.setattr(evaluation, "evaluate_sets", fake)
+    tables = run_bench(config, Console(quiet=True))
+    assert evaluated == [("teacher", ("vicuna-raw",), {"vicuna-raw": 3}), ("sft", ("vicuna-raw",), {"vicuna-raw": 3})]
+    assert "- vicuna-raw: a fixed random subset of 2 of its 80 examples (seed 0, the same for every model)" \
+        in tables["quality"]
+    assert "- every set: its first 2 examples" in tables["quality"]
+    assert json.loads((config.output / "tables.json").read_text())["subsets"] == {"vicuna-raw": 3}

@@ -300,3 +300,31 @@ def test_cli_eval_on_several_sets(model_dir: Path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(out_file.read_text())  # one set: its report, as before
     assert report["data"] == "dolly" and list(report["rougeL"]) == ["10", "20", "30", "40", "50"]  # the paper's
+
+
+def test_a_seeded_subset_is_fixed_ordered_and_spread_over_the_set():
+    rows = list(range(1694))  # S-NI's size
+    subset = evaluation.seeded_subset(rows, 100)
+    assert len(subset) == 100 == len(set(subset)) and subset == sorted(subset)
+    assert subset == evaluation.seeded_subset(list(range(1694)), 100)  # a pure function of the seed and size
+    assert min(subset) < 1694 * 0.1 and max(subset) > 1694 * 0.9  # spans the set, unlike its first 100
+    assert set(evaluation.seeded_subset(rows, 50)) <= set(subset)  # a smaller subset is nested in a larger one
+    assert evaluation.seeded_subset(rows, 0) == evaluation.seeded_subset(rows, 5000) == rows
+
+
+def test_a_subset_is_reported_and_keyed_apart_from_the_first_examples(model_dir: Path, generations: list[int]):
+    subset = evaluation.evaluate_sets(model_dir, ["vicuna-raw"], seeds=[10], subsets={"vicuna-raw": 5},
+                                      notice=lambda text: None)["vicuna-raw"]
+    assert subset["examples"] == 5 and subset["subset"] == {"size": 5, "of": 80, "seed": evaluation.SUBSET_SEED}
+    picked = evaluation.seeded_subset(list(range(80)), 5)
+    assert picked != list(range(5))
+    questions = [json.loads(line)["text"] for line in
+                 (Path(os.environ["DISTILLKIT_DATA_DIR"]) / "vicuna-80" / "question.jsonl").read_text().splitlines()]
+    assert subset["samples"][0]["instruction"] == questions[picked[0]]
+    first = evaluation.evaluate_sets(model_dir, ["vicuna-raw"], seeds=[10], limit=5,
+                                     notice=lambda text: None)["vicuna-raw"]
+    assert generations == [10, 10]  # the first five examples are another cell
+    assert "subset" not in first and first["samples"][0]["instruction"] == questions[0]
+    generations.clear()
+    evaluation.evaluate_sets(model_dir, ["vicuna-raw"], seeds=[10], subsets={"vicuna-raw": 5}, notice=lambda text: None)
+    assert generations == []  # the subset's cell is cached

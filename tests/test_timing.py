@@ -32,8 +32,8 @@ def test_the_estimate_times_each_method_and_the_preparations_and_adds_up(recipe_
     (teacher_prep.folder / "DONE").write_text("complete\n")  # the teacher's SFT is cached; the student's is not
     before = _cache_folders()
     methods = ["sft", "seqkd", "abkd"]  # no teacher; a teacher generation at setup; the SFT student init
-    estimate = estimate_time(recipe, methods, sets=["dolly", "unni"], seeds=[10, 20], limit=6, time_steps=1,
-                             console=console)
+    estimate = estimate_time(recipe, methods, sets=["dolly", "unni"], seeds=[10, 20], limit=6, subsets={},
+                             time_steps=1, console=console)
     assert _cache_folders() == before  # the timed runs' caches (SeqKD's generations) went to a scratch folder
     json.dumps(estimate)  # JSON-ready
     assert set(estimate["missing"]) == {"unni"}

@@ -196,12 +196,28 @@ def eval_setup(model: torch.nn.Module, recipe: Recipe, batch_size: int,
 # --- test sets and the result cache -----------------------------------------------
 
 
+SUBSET_SEED = 0  # the seed of every reduced protocol's subsets: the same examples on every machine
+
+
+def seeded_subset(examples: list[Any], size: int) -> list[Any]:
+    """``size`` of ``examples`` drawn at random with :data:`SUBSET_SEED`, in
+    their original order (all of them when ``size`` is 0 or not smaller).
+    The draw ranks positions by a hash, so it depends on nothing but the
+    seed and the set's length: not on the Python or torch version."""
+    if not size or size >= len(examples):
+        return examples
+    ranked = sorted(range(len(examples)), key=lambda index: fingerprint(SUBSET_SEED, index))
+    return [examples[index] for index in sorted(ranked[:size])]
+
+
 def load_test_set(name: str, tokenizer: Any, setup: EvalSetup, *, prompt: PromptSource, limit: int,
-                  notice: Callable[[str], None]) -> tuple[list[TokenizedExample], dict[str, Any]]:
-    """A test set loaded, filtered (the dataset's reference length), cut to
-    its first ``limit`` examples (0: all) and tokenized with prompts cut to
-    ``setup``'s lengths; with the record of the reference filter, if any
-    (``{"reference_filter": ...}``).  Raises
+                  notice: Callable[[str], None], subset: int = 0) -> tuple[list[TokenizedExample], dict[str, Any]]:
+    """A test set loaded, filtered (the dataset's reference length), reduced
+    to a seeded random ``subset`` of that many examples (0: all; see
+    :func:`seeded_subset`), cut to its first ``limit`` examples (0: all) and
+    tokenized with prompts cut to ``setup``'s lengths; with the record of the
+    reference filter, if any (``{"reference_filter": ...}``), and of the
+    subset (``{"subset": {"size", "of", "seed"}}``).  Raises
     :class:`~distillkit.errors.DatasetUnavailable` for a dataset whose files
     are absent for a known reason."""
     from distillkit.data.loading import dataset_spec, keep_long_references, load_eval_set
@@ -211,8 +227,10 @@ def load_test_set(name: str, tokenizer: Any, setup: EvalSetup, *, prompt: Prompt
     spec = dataset_spec(name)
     minimum = spec.min_reference_tokens if spec is not None else 0
     kept = keep_long_references(rows, tokenizer, minimum)
-    examples = kept[: limit or None]
-    extra = {}
+    examples = seeded_subset(kept, subset)[: limit or None]
+    extra: dict[str, Any] = {}
+    if subset:
+        extra["subset"] = {"size": subset, "of": len(kept), "seed": SUBSET_SEED}
     if minimum:
         extra["reference_filter"] = {"min_tokens": minimum, "counted_with": str(tokenizer.name_or_path),
                                      "kept": len(kept), "rows": len(rows)}
@@ -235,6 +253,7 @@ class _SetRun:
     files: dict[int, Path]
     cells: dict[int, dict[str, Any]]
     extra: dict[str, Any]
+    limit: int
 
 
 def _cell(path: Path) -> dict[str, Any] | None:
@@ -247,7 +266,7 @@ def _cell(path: Path) -> dict[str, Any] | None:
 
 
 def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalSetup, *, prompt: PromptSource,
-                 seeds: list[int], limit: int, weights: str, notice: Callable[[str], None]) -> _SetRun:
+                 seeds: list[int], limit: int, subset: int, weights: str, notice: Callable[[str], None]) -> _SetRun:
     """Load, filter, cut and tokenize a test set (prompts as ``prompt``, the
     run's ``data.prompt``, asks), and read its cached cells.
 
@@ -257,18 +276,19 @@ def _prepare_set(name: str, model: torch.nn.Module, tokenizer: Any, setup: EvalS
     ``best.json``, which holds a wall time), so a copied, moved or exported
     model reuses its scores, read-only model folders work, and run
     folders stay as training wrote them.  A cell's key also covers the
-    examples (token ids and references, so data, template, filter and limit),
+    examples (token ids and references, so data, template, filter, subset and limit),
     the seed, lengths, sampling settings and device type (not the batch
     size: the samples do not depend on it, see :func:`generate`)."""
-    tokenized, extra = load_test_set(name, tokenizer, setup, prompt=prompt, limit=limit, notice=notice)
+    tokenized, extra = load_test_set(name, tokenizer, setup, prompt=prompt, limit=limit, subset=subset,
+                                     notice=notice)
     content = fingerprint([(t.prompt_ids, t.example.references) for t in tokenized])
     folder = cache_root() / "eval" / weights / re.sub(r"[^\w.-]+", "_", name).strip("_")
     shape = {k: v for k, v in dataclasses.asdict(setup).items() if k != "batch_size"}
     key = (name, content, {**shape, "settings": sampling_identity(setup.settings)}, limit,
-           next(model.parameters()).device.type)
+           next(model.parameters()).device.type, *([subset] if subset else []))
     files = {seed: folder / f"seed{seed}-{fingerprint(*key, seed)}.json" for seed in seeds}
     cells = {seed: cell for seed, path in files.items() if (cell := _cell(path)) is not None}
-    return _SetRun(name, tokenized, files, cells, extra)
+    return _SetRun(name, tokenized, files, cells, extra, limit)
 
 
 def sampling_identity(settings: GenerationConfig) -> dict[str, Any]:
@@ -287,7 +307,7 @@ def _report(run: _SetRun, model_dir: Path, seeds: list[int]) -> dict[str, Any]:
                 "references": list(tokenized.example.references),
                 "responses": {str(seed): run.cells[seed]["samples"][index] for seed in seeds}}
                for index, tokenized in enumerate(run.examples[:REPORTED_SAMPLES])]
-    return {"model": str(model_dir), "data": run.name, "examples": len(run.examples),
+    return {"model": str(model_dir), "data": run.name, "examples": len(run.examples), "limit": run.limit,
             "rougeL": {str(k): v for k, v in result.per_seed.items()}, "mean": result.mean, "std": result.std,
             "generated_tokens": result.generated_tokens, **run.extra, "samples": samples}
 
@@ -298,6 +318,7 @@ def evaluate_sets(
     *,
     seeds: list[int],
     limit: int = 0,
+    subsets: dict[str, int] | None = None,
     batch_size: int = 0,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] = print,
@@ -309,8 +330,10 @@ def evaluate_sets(
     is loaded once; each (set, seed) cell is cached (see :func:`_prepare_set`),
     so only missing cells are generated.  ``progress(done, total)`` counts
     generated responses.  Returns per set a JSON-ready report (model, data,
-    examples, rougeL per seed, mean, std, generated_tokens over all seeds,
-    ``reference_filter`` for a length-filtered set, and ``samples``: the
+    examples, limit, rougeL per seed, mean, std, generated_tokens over all
+    seeds, ``reference_filter`` for a length-filtered set, ``subset`` for a
+    set named in ``subsets`` (set name -> the size of its seeded random
+    subset, see :func:`seeded_subset`), and ``samples``: the
     first :data:`REPORTED_SAMPLES` examples with their responses per seed), or
     ``{"missing": reason}`` for a dataset whose files are absent for a known
     reason (``missing_reason``, e.g. UnNI).  ``recipe``: the lengths, prompt
@@ -325,7 +348,8 @@ def evaluate_sets(
     for name in dict.fromkeys(sets):
         try:
             runs.append(_prepare_set(name, model, tokenizer, setup, prompt=recipe.data.prompt, seeds=seeds,
-                                     limit=limit, weights=weights, notice=notice))
+                                     limit=limit, subset=(subsets or {}).get(name, 0), weights=weights,
+                                     notice=notice))
         except DatasetUnavailable as missing:
             reports[name] = {"missing": missing.reason}
     todo = [(run, seed) for run in runs for seed in seeds if seed not in run.cells]

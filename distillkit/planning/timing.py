@@ -119,7 +119,7 @@ def _timed_generate(model: torch.nn.Module, tokenizer: Any, examples: list[Token
 
 
 def measure_sampling(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, sets: list[str], *, limit: int,
-                     seed: int, validation: list[TokenizedExample], missing: dict[str, str]) -> Sampling:
+                     subsets: dict[str, int], seed: int, validation: list[TokenizedExample], missing: dict[str, str]) -> Sampling:
     """``model``'s sampling rates (see the module docstring; one warm-up
     sample first), on the evaluation's device (then moved back); sets whose
     data is absent go into ``missing`` (name -> reason)."""
@@ -130,7 +130,7 @@ def measure_sampling(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, set
     for name in sets:
         try:
             loaded[name], _ = load_test_set(name, tokenizer, setup, prompt=recipe.data.prompt, limit=limit,
-                                            notice=lambda text: None)
+                                            subset=subsets.get(name, 0), notice=lambda text: None)
         except DatasetUnavailable as error:
             missing[name] = error.reason
     warm = next(iter(loaded.values()), validation)[:1]
@@ -197,7 +197,7 @@ def _load_as_given(session: Session, role: str) -> torch.nn.Module:
 
 
 def estimate_time(recipe: Recipe, methods: list[str], *, sets: list[str], seeds: list[int], limit: int,
-                  time_steps: int, console: Console) -> dict[str, Any]:
+                  subsets: dict[str, int], time_steps: int, console: Console) -> dict[str, Any]:
     """The measured time estimate of a bench of ``methods`` on ``recipe``
     (see the module docstring), JSON-ready: per method its steps, s/step and
     seconds of training, setup, validations and evaluation (``total_s``
@@ -216,8 +216,8 @@ def estimate_time(recipe: Recipe, methods: list[str], *, sets: list[str], seeds:
     teacher: Sampling | None = None
 
     def sampling(model: torch.nn.Module, tokenizer: Any, validation: list[TokenizedExample]) -> Sampling:
-        return measure_sampling(model, tokenizer, recipe, sets, limit=limit, seed=seeds[0], validation=validation,
-                                missing=missing)
+        return measure_sampling(model, tokenizer, recipe, sets, limit=limit, subsets=subsets, seed=seeds[0],
+                                validation=validation, missing=missing)
 
     with tempfile.TemporaryDirectory(prefix="distillkit-timing-") as folder:
         scratch = Path(folder)
@@ -261,7 +261,7 @@ def estimate_time(recipe: Recipe, methods: list[str], *, sets: list[str], seeds:
     total = sum(r["total_s"] for r in rows.values()) + sum(p["total_s"] for p in preparations.values())
     prompt_rates = {"student": student.seconds_per_prompt, **({"teacher": teacher.seconds_per_prompt} if teacher else {})}
     return {"recipe": recipe.name, "time_steps": time_steps, "device": eval_device(),
-            "train_examples": len(session.data.train), "seeds": seeds, "limit": limit, "methods": rows,
+            "train_examples": len(session.data.train), "seeds": seeds, "limit": limit, "subsets": subsets, "methods": rows,
             "preparations": preparations, "teacher_eval_s": teacher_eval,
             "rates": {"seconds_per_step": steps_rates, "seconds_per_prompt": prompt_rates},
             "missing": missing, "total_s": total + (teacher_eval or 0.0)}
