@@ -149,6 +149,27 @@ def test_examples_are_fed_in_file_order_or_a_given_order(recipe_file, tokenizer,
         _trainer(recipe_file, tokenizer, tmp_path / "e", ["training.shuffle=false"])  # the recipe groups by length
 
 
+def test_sorted_micro_batches_pad_less_and_make_the_same_update(recipe_file, tokenizer, tmp_path):
+    texts = [("Count to three. " * n).strip() for n in (1, 6, 2, 5, 3, 4)]  # lengths spread out within one step
+    examples = instruction_examples(tokenizer, texts=texts)
+    whole = FILE_ORDER[:2] + ["training.batch_size=6", "training.micro_batch_size=6"]
+    one = _trainer(recipe_file, tokenizer, tmp_path / "one", whole, examples=examples)
+    sorted_ = _trainer(recipe_file, tokenizer, tmp_path / "sorted", whole[:-1] + [
+        "training.micro_batch_size=2", "training.sort_micro_batches=true"], examples=examples)
+    for module in [*one.run.student.modules(), *sorted_.run.student.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # GPT-2's default dropout would draw different masks for other batch shapes
+    widths = [b.input_ids.shape[1] for b in sorted_.micro_batches(sorted_.examples_for_step(0))]
+    assert len(widths) == 3 and widths == sorted(widths) and widths[0] < widths[-1]  # pairs of similar length
+    (whole_batch,) = one.micro_batches(one.examples_for_step(0))
+    assert 2 * sum(widths) < whole_batch.input_ids.numel()  # fewer padded positions
+    logs_one, logs_sorted = one.train_step(), sorted_.train_step()
+    assert logs_sorted["loss"] == pytest.approx(logs_one["loss"], rel=1e-5)
+    assert logs_sorted["grad_norm/student"] == pytest.approx(logs_one["grad_norm/student"], rel=1e-4)
+    for a, b in zip(one.run.student.parameters(), sorted_.run.student.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # Adam's first step is about lr = 1e-3 per element
+
+
 @pytest.mark.parametrize(("name", "fused", "foreach"), [("adamw", False, None), ("adamw_foreach", False, True),
                                                         ("adamw_fused", True, None)])
 def test_the_optimizer_implementation_is_chosen_by_the_recipe(recipe_file, tokenizer, tmp_path, name, fused,

@@ -180,7 +180,10 @@ class Trainer:
         return self.examples.for_step(step)
 
     def micro_batches(self, examples: list[TokenizedExample]) -> list[TrainBatch]:
-        """The method's source's batches of ``examples``, ``micro_batch_size`` each, on the device."""
+        """The method's source's batches of ``examples``, ``micro_batch_size`` each (by length with
+        ``sort_micro_batches``), on the device."""
+        if self.training.sort_micro_batches:
+            examples = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.response_ids))
         batches = [self.source(chunk) for chunk in micro_chunks(examples, self.training.micro_batch_size)]
         if self.signals is not None:
             batches = [self.signals.attach(batch) for batch in batches]
