@@ -132,8 +132,10 @@ class TrainingConfig(Section):
     cutting them into micro-batches: the step's examples and its update stay
     the same (it averages over all of the step's response tokens, whatever
     the micro-batches; up to float round-off), with less padding when
-    ``micro_batch_size`` is smaller than the batch.  For methods whose
-    source samples, the rows sampled together change (not the prompts).
+    ``micro_batch_size`` is smaller than the batch.  That holds for losses
+    that are sums over tokens; where a source samples, or a method takes
+    statistics over a micro-batch (MiniLLM's whitening), which rows go
+    together changes, and with it their draws or statistics.
     ``on_nonfinite``: a NaN or infinite loss or gradient norm stops the run
     before the update (``"stop"``), keeping the last checkpoint, or skips
     that update (``"skip"``, counted in the trainer state and logged).
