@@ -162,8 +162,8 @@ def selection_notes(config: BenchConfig, results: Results) -> list[str]:
     """One line per reduced set: how many of its examples were evaluated."""
     notes = []
     for name in config.sets:
-        reports = [r[name] for r in results.data["eval"].values() if "examples" in r.get(name, {})]
-        if config.subsets.get(name) and reports:
+        reports = [r[name] for r in results.data["eval"].values() if config.covers(name, r) and "subset" in r[name]]
+        if reports:
             subset = reports[0]["subset"]
             notes.append(f"- {name}: a fixed random subset of {reports[0]['examples']} of its {subset['of']} "
                          f"examples (seed {subset['seed']}, the same for every model)")
