@@ -7,8 +7,9 @@ Eval cells are the exception: since evaluation draws row-keyed noise
 0.2's, so their key changed on purpose (``EVAL_SETTINGS``) and older cells
 are recomputed.  So did the tiny teacher's: it trains on length-sorted
 micro-batches since issue 18 (the same updates up to float round-off, in
-half the time), a change of the cached weights' last digits
-(``SORTED_TEACHER_TRAINING``); without those two settings its key is 0.2's.  A field added to a recipe section since then enters a key only
+half the time), a change of the cached weights' last digits, and validates
+once, at its last step, which its selection by loss chose anyway
+(``SORTED_TEACHER_TRAINING``); without those settings its key is 0.2's.  A field added to a recipe section since then enters a key only
 when it is set to something other than its default (``added_later``)."""
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ KEYS_0_2 = {
                 "teacher": "6f4ed50db83f", "student": "f49be0748082"},
 }
 EVAL_SETTINGS = "c521595fea86"  # both recipes evaluate alike; 0.2's was 93e557c58cd3
-SORTED = {"micro_batch_size", "sort_micro_batches"}
-SORTED_TEACHER_TRAINING = {"tiny": "52d74001e08a"}
+SORTED = {"micro_batch_size", "sort_micro_batches", "eval_every"}
+SORTED_TEACHER_TRAINING = {"tiny": "4488b00f18f1"}
 
 
 @pytest.mark.parametrize("name", sorted(KEYS_0_2))
