@@ -10,7 +10,8 @@ same seeds as the teacher (cached per set and seed).  Output folder:
   killed bench resumes and skips them.  A method is trained and evaluated
   before the next one starts, so its row survives a kill; copied into a
   fresh output folder (another machine), ``results.json`` keeps the
-  finished rows and a method trained but not evaluated is trained again;
+  finished rows, and a method trained but not evaluated on every set is
+  trained again and evaluated on all of them;
 - ``quality.{md,csv}`` (shaped like the paper's Table 1: mean ROUGE-L over
   seeds, best student per set in bold), ``cost.{md,csv}`` (like Table 3:
   training time, peak memory, tokens generated, trainable parameters),
@@ -457,7 +458,10 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
         for method in config.methods:  # each method trained, then evaluated: a finished row survives a kill
             evaluated = all(config.covers(s, results.data["eval"].get(method, {})) for s in config.sets)
             if not evaluated and not (config.output / method / "best").is_dir():
-                results.data["train"].pop(method, None)  # its run folder is gone (e.g. another machine): retrain
+                # its run folder is gone (e.g. another machine): retrain it, and evaluate the new weights on every
+                # set (training again need not give the same weights to the last bit, and a row mixes no two runs)
+                results.data["train"].pop(method, None)
+                results.data["eval"].pop(method, None)
 
             def train(method: str = method) -> None:
                 results.data["train"][method] = train_method(config, method)

@@ -113,12 +113,13 @@ def test_bench_trains_evaluates_writes_tables_and_resumes(recipe_file, tmp_path,
 
 def test_a_bench_copied_to_a_fresh_folder_keeps_its_finished_rows(recipe_file, tmp_path, monkeypatch):
     """results.json alone (the run folders left behind, e.g. on another machine): finished rows are kept,
-    a method trained but not evaluated is trained again, and the teacher is not evaluated again."""
-    config = BenchConfig(str(recipe_file(steps=2, eval_every=2)), ["sft", "kd"], ["dolly"], [10],
+    a method trained but not evaluated on every set is trained again and evaluated on all of them, and the
+    teacher is not evaluated again."""
+    config = BenchConfig(str(recipe_file(steps=2, eval_every=2)), ["sft", "kd"], ["dolly", "vicuna-raw"], [10],
                          tmp_path / "bench", limit=3)
     run_bench(config, Console(quiet=True))
     results = json.loads((config.output / "results.json").read_text())
-    del results["eval"]["kd"]["dolly"]  # killed after training kd, before evaluating it
+    del results["eval"]["kd"]["vicuna-raw"]  # killed after evaluating kd on dolly, before vicuna-raw
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "results.json").write_text(json.dumps(results))
@@ -127,11 +128,11 @@ def test_a_bench_copied_to_a_fresh_folder_keeps_its_finished_rows(recipe_file, t
     monkeypatch.setattr(bench, "train_method", lambda cfg, method: trained.append(method) or original_train(cfg, method))
     import distillkit.evaluation.protocol as evaluation
 
-    original_eval = evaluation.evaluate_sets
-    monkeypatch.setattr(evaluation, "evaluate_sets",
-                        lambda folder, sets, **kw: evaluated.append(folder.name) or original_eval(folder, sets, **kw))
+    original_eval_sets = evaluation.evaluate_sets
+    monkeypatch.setattr(evaluation, "evaluate_sets", lambda folder, sets, **kw: evaluated.append(
+        (folder.name, tuple(sets))) or original_eval_sets(folder, sets, **kw))
     run_bench(dataclasses.replace(config, output=fresh), Console(quiet=True))
-    assert trained == ["kd"] and evaluated == ["kd"]
+    assert trained == ["kd"] and evaluated == [("kd", ("dolly", "vicuna-raw"))]  # the new weights on every set
     tables = json.loads((fresh / "tables.json").read_text())
     assert [row["model"] for row in tables["quality"]] == ["teacher", "sft", "kd"]
 
