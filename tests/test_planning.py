@@ -258,7 +258,7 @@ def test_a_cached_teacher_signal_adds_its_rows():
 def test_each_process_takes_its_share_of_the_batch():
     from distillkit.data.prepare import recipe_tokenizer
 
-    recipe = load_recipe("tiny")  # batch_size = micro_batch_size = 16
+    recipe = load_recipe("tiny", ["~methods.sft.training"])  # batch_size = micro_batch_size = 16
     shapes = {"student": model_shape(recipe, "student", recipe_tokenizer(recipe)[0])}
     one = estimate(recipe, "sft", Layout(), shapes=shapes)
     two = estimate(recipe, "sft", Layout("ddp", 2), shapes=shapes)  # 8 examples per process and step
