@@ -348,6 +348,9 @@ def exposure_bias(
                   title=f"ExAccErr (%) on {data}, {report['examples']} prompts x {samples} samples")
     for name, result in report["students"].items():
         table.add_row(name, *(f"{result['ExAccErr'][length - 1]:.1f}" for length in lengths))
+        table.add_row("  still running: its samples / the teacher's",
+                      *(f"{result['R_running'][length - 1]:.0%} / {result['E_running'][length - 1]:.0%}"
+                        for length in lengths), style="dim")
     out.print(table)
     out.print(f"written to {output}/exposure_bias.json and .png")
 

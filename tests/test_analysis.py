@@ -54,7 +54,9 @@ def test_accumulate_and_ex_acc_err_by_hand():
     scored = torch.tensor([[[True, True, False], [True, False, False]], [[True] * 3, [True] * 3]])
     # prompt 0: steps (1+3)/2, 2/1, none running -> 0; prompt 1: 3, 3, 3; mean over prompts, then cumsum
     assert accumulate(kl, scored).tolist() == pytest.approx([2.5, 5.0, 6.5])
-    result = ExposureBias(r=torch.tensor([2.0, 4.0, 6.0, 0.0, 1.0]), e=torch.tensor([1.0, 4.0, 3.0, 0.0, 0.0]))
+    running = torch.ones(5)
+    result = ExposureBias(r=torch.tensor([2.0, 4.0, 6.0, 0.0, 1.0]), e=torch.tensor([1.0, 4.0, 3.0, 0.0, 0.0]),
+                          r_running=running, e_running=running)
     assert result.ex_acc_err.tolist() == pytest.approx([100.0, 0.0, 100.0, 0.0, float("inf")])
     assert result.to_json()["ExAccErr"][:4] == pytest.approx([100.0, 0.0, 100.0, 0.0])
 
@@ -105,6 +107,8 @@ def test_cli_writes_json_png_and_table(folders):
         assert len(student["R"]) == len(student["E"]) == len(student["ExAccErr"]) == 12
         assert student["ExAccErr"][-1] == pytest.approx((student["R"][-1] / student["E"][-1] - 1) * 100)
         assert student["R"][0] == pytest.approx(student["E"][0])  # step 1 sees the prompt only
+        for running in (student["R_running"], student["E_running"]):  # every sample runs at step 1, then some end
+            assert len(running) == 12 and running[0] == 1.0 and running == sorted(running, reverse=True)
     assert (folders / "out" / "exposure_bias.png").read_bytes().startswith(b"\x89PNG")
     assert "l = 10" in result.stdout and "l = 12" in result.stdout
 

@@ -32,10 +32,16 @@ from distillkit.registry import registry
 
 @dataclass(frozen=True)
 class ExposureBias:
-    """``r`` = R(l) and ``e`` = E(l) in nats, (L,) each: entry l-1 sums steps 1..l."""
+    """``r`` = R(l) and ``e`` = E(l) in nats, (L,) each: entry l-1 sums steps 1..l.
+    ``r_running`` and ``e_running`` (L,): the share of the student's and of the
+    teacher's samples still running at step l (a step where none of a prompt's
+    samples runs adds 0 to the sums, so a model whose answers end sooner
+    accumulates less)."""
 
     r: torch.Tensor
     e: torch.Tensor
+    r_running: torch.Tensor
+    e_running: torch.Tensor
 
     @property
     def ex_acc_err(self) -> torch.Tensor:
@@ -44,8 +50,9 @@ class ExposureBias:
         return torch.where(self.r == self.e, torch.zeros_like(self.r), (self.r - self.e) / self.e * 100)
 
     def to_json(self) -> dict[str, list[float]]:
-        """``{"R", "E", "ExAccErr"}``: lists over l = 1..L."""
-        return {"R": self.r.tolist(), "E": self.e.tolist(), "ExAccErr": self.ex_acc_err.tolist()}
+        """``{"R", "E", "ExAccErr", "R_running", "E_running"}``: lists over l = 1..L."""
+        return {"R": self.r.tolist(), "E": self.e.tolist(), "ExAccErr": self.ex_acc_err.tolist(),
+                "R_running": self.r_running.tolist(), "E_running": self.e_running.tolist()}
 
 
 def sample_prefixes(model: torch.nn.Module, tokenizer: Any, examples: list[TokenizedExample], *, steps: int,
@@ -108,12 +115,15 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any, 
     student_prefixes = sample_prefixes(student, tokenizer, examples, steps=steps, samples=samples, seed=seed,
                                        batch_size=batch_size)
 
-    def accumulated(responses: list[list[int]]) -> torch.Tensor:
+    def accumulated(responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum over steps, and the running share per step (L,) each."""
         kl, scored = step_kl(teacher, student, prompts, responses, steps=steps, pad_token_id=tokenizer.pad_token_id,
                              vocab_size=len(tokenizer), batch_size=batch_size)
-        return accumulate(kl.view(len(examples), samples, steps), scored.view(len(examples), samples, steps))
+        shape = (len(examples), samples, steps)
+        return accumulate(kl.view(shape), scored.view(shape)), scored.float().mean(0)
 
-    return ExposureBias(accumulated(student_prefixes), accumulated(teacher_prefixes))
+    (r, r_running), (e, e_running) = accumulated(student_prefixes), accumulated(teacher_prefixes)
+    return ExposureBias(r, e, r_running, e_running)
 
 
 def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str, *, limit: int, steps: int,
