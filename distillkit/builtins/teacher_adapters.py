@@ -198,10 +198,14 @@ class LoraTeacher(FrozenTeacher):
 
     def __init__(self, model: torch.nn.Module, run: StepContext, **options: Any) -> None:
         from peft import LoraConfig, get_peft_model
+        from transformers.pytorch_utils import Conv1D
 
         opts = LoraOptions(**options)
+        targets = lora_targets(model, opts)
         config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                            target_modules=opts.target_modules, task_type="CAUSAL_LM")
+                            target_modules=opts.target_modules, task_type="CAUSAL_LM",
+                            # GPT-2's Conv1D stores its weight (in, out); peft would switch this on with a warning
+                            fan_in_fan_out=bool(targets) and all(isinstance(m, Conv1D) for m in targets))
         super().__init__(model, run)
         self.model = get_peft_model(model, config)
         self.model.eval()
@@ -234,18 +238,22 @@ def soft_prompt_footprint(plan: PlanContext, options: SoftPromptOptions) -> Adap
                             dropout=options.train_mode_for_grad)
 
 
-def lora_footprint(plan: PlanContext, options: LoraOptions) -> AdapterFootprint:
-    """r (in + out) values per adapted linear layer (peft's A: r x in, B:
-    out x r), counted on the teacher built on the meta device; the target
-    modules default to peft's for the model type."""
+def lora_targets(model: torch.nn.Module, options: LoraOptions) -> list[torch.nn.Module]:
+    """The linear layers LoRA adapts: those named by ``target_modules``, else
+    by peft's default modules for the model type."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     from transformers.pytorch_utils import Conv1D
 
-    model = plan.meta_teacher()
-    targets = options.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+    names = options.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
         model.config.model_type, [])
-    count = sum(options.rank * sum(module.weight.shape) for name, module in model.named_modules()
-                if name.split(".")[-1] in targets and isinstance(module, (torch.nn.Linear, Conv1D)))
+    return [module for name, module in model.named_modules()
+            if name.split(".")[-1] in names and isinstance(module, (torch.nn.Linear, Conv1D))]
+
+
+def lora_footprint(plan: PlanContext, options: LoraOptions) -> AdapterFootprint:
+    """r (in + out) values per adapted linear layer (peft's A: r x in, B:
+    out x r), counted on the teacher built on the meta device."""
+    count = sum(options.rank * sum(module.weight.shape) for module in lora_targets(plan.meta_teacher(), options))
     return AdapterFootprint(trainable=count, note=f"LoRA rank {options.rank}: {count:,} values")
 
 
