@@ -25,9 +25,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,12 +144,36 @@ def train_method(config: BenchConfig, method: str) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     environment = {"MLFLOW_TRACKING_URI": f"sqlite:///{(config.output / 'mlflow.db').resolve()}", **os.environ}
     with open(run_dir / "train.log", "a", encoding="utf-8") as log:
-        code = subprocess.run(train_command(config, method), stdout=log, stderr=subprocess.STDOUT,
-                              env=environment).returncode
+        code = run_child(train_command(config, method), stdout=log, stderr=subprocess.STDOUT, env=environment)
     if code != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
         raise DistillkitError(f"training {method} failed (exit {code}): {' '.join(tail)}; see {run_dir / 'train.log'}")
     return cost_record(run_dir)
+
+
+def run_child(command: list[str], **popen: Any) -> int:
+    """Run ``command`` to its end and return its exit code.  A SIGTERM to
+    this process (``kill``, a job scheduler's stop) stops the child first,
+    so no training outlives the bench; the run resumes from its last
+    checkpoint.  (Ctrl-C reaches the child anyway: it shares the terminal's
+    process group.)"""
+    with subprocess.Popen(command, **popen) as child:
+        if threading.current_thread() is not threading.main_thread():
+            return child.wait()  # signal handlers belong to the main thread
+
+        stopped: list[int] = []
+
+        def stop(signum: int, frame: object) -> None:
+            stopped.append(signum)
+            child.terminate()  # the wait below then returns
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if stopped:
+            raise SystemExit(128 + stopped[0])
+        return code
 
 
 def teacher_dir(config: BenchConfig) -> Path | None:

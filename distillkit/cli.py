@@ -348,7 +348,7 @@ def exposure_bias(
                   title=f"ExAccErr (%) on {data}, {report['examples']} prompts x {samples} samples")
     for name, result in report["students"].items():
         table.add_row(name, *(f"{result['ExAccErr'][length - 1]:.1f}" for length in lengths))
-        table.add_row("  still running: its samples / the teacher's",
+        table.add_row("  running: own / teacher",
                       *(f"{result['R_running'][length - 1]:.0%} / {result['E_running'][length - 1]:.0%}"
                         for length in lengths), style="dim")
     out.print(table)

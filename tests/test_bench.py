@@ -189,3 +189,26 @@ def test_a_subset_names_an_evaluated_set_and_a_report_of_another_selection_is_re
         in tables["quality"]
     assert "- every set: its first 2 examples" in tables["quality"]
     assert json.loads((config.output / "tables.json").read_text())["subsets"] == {"vicuna-raw": 3}
+
+
+def test_a_terminated_bench_stops_its_training_child(tmp_path):
+    """SIGTERM to the bench (``kill``) ends the child it is waiting on, so no training outlives it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from distillkit.bench import run_child; "
+                               f"run_child([sys.executable, '-c', {child!r}])"])
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # the child has ended and been reaped
+        os.kill(child_pid, 0)
