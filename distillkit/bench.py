@@ -79,12 +79,9 @@ class BenchConfig:
             if name not in datasets.names() and not Path(name).is_file():
                 raise DistillkitError(f"unknown test set '{name}'{did_you_mean(name, datasets.names())}; "
                                       f"registered: {', '.join(datasets.names())} (or give a data file)")
-        for name, size in self.subsets.items():
-            if name not in self.sets:
-                raise DistillkitError(f"--subset {name}={size} names a set that is not evaluated; "
-                                      f"evaluated: {', '.join(self.sets)}")
-            if size < 1:
-                raise DistillkitError(f"--subset {name}={size}: the size must be >= 1")
+        from distillkit.evaluation.protocol import check_subsets
+
+        check_subsets(self.subsets, self.sets)
 
 
 class Results:

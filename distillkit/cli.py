@@ -192,17 +192,19 @@ def eval_(
     """Generate responses and report ROUGE-L per set and seed, with mean ± std
     over seeds (cached per set and seed: a rerun computes only new cells)."""
     _setup_logging()
-    from distillkit.evaluation.protocol import evaluate_sets, recipe_seeds
+    from distillkit.evaluation.protocol import check_subsets, evaluate_sets, recipe_seeds
 
     sets = _names(data)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
         _at_least("--limit", limit, 0, " (0: all)")
         _at_least("--batch-size", batch_size, 0, " (0: the recipe's)")
+        subsets = _subsets(subset)
+        check_subsets(subsets, sets)
         seed_list = _seed_list(seeds) if seeds else recipe_seeds(model)
         with Progress(*columns, console=err) as progress:
             task = progress.add_task(f"eval {', '.join(sets)}", total=None)
-            reports = evaluate_sets(model, sets, seeds=seed_list, limit=limit, subsets=_subsets(subset),
+            reports = evaluate_sets(model, sets, seeds=seed_list, limit=limit, subsets=subsets,
                                     batch_size=batch_size,
                                     progress=lambda done, total: progress.update(task, completed=done, total=total),
                                     notice=err.print)

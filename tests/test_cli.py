@@ -90,6 +90,11 @@ def test_eval_errors(tmp_path):
     assert result.exit_code == 2 and "holds no model" in result.stderr
     result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly", "--seeds", "a,b"])
     assert result.exit_code == 2 and "--seeds expects comma-separated integers" in result.stderr
+    # a subset is checked before the (here absent) model is loaded
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly", "--subset", "sni=5"])
+    assert result.exit_code == 2 and "--subset sni=5 names a set that is not evaluated; evaluated: dolly" in result.stderr
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "dolly", "--subset", "dolly=0"])
+    assert result.exit_code == 2 and "--subset dolly=0: the size must be >= 1" in result.stderr
 
 
 def test_a_deprecated_call_from_distillkit_stops_the_command_and_one_inside_a_dependency_does_not():

@@ -210,6 +210,18 @@ def seeded_subset(examples: list[Any], size: int) -> list[Any]:
     return [examples[index] for index in sorted(ranked[:size])]
 
 
+def check_subsets(subsets: dict[str, int], sets: list[str]) -> None:
+    """Raise, before any work, for a subset (set name -> size) of a set that
+    is not evaluated or of a size below 1."""
+    for name, size in subsets.items():
+        if name not in sets:
+            raise DistillkitError(f"--subset {name}={size} names a set that is not evaluated; "
+                                  f"evaluated: {', '.join(sets)}")
+        if size < 1:
+            raise DistillkitError(f"--subset {name}={size}: the size must be >= 1 (leave it out to evaluate "
+                                  "the whole set)")
+
+
 def load_test_set(name: str, tokenizer: Any, setup: EvalSetup, *, prompt: PromptSource, limit: int,
                   notice: Callable[[str], None], subset: int = 0) -> tuple[list[TokenizedExample], dict[str, Any]]:
     """A test set loaded, filtered (the dataset's reference length), reduced
@@ -339,6 +351,7 @@ def evaluate_sets(
     reason (``missing_reason``, e.g. UnNI).  ``recipe``: the lengths, prompt
     template and sampling settings to use instead of those of the run that
     produced the model (:func:`load_model_dir`)."""
+    check_subsets(subsets or {}, sets)
     model, tokenizer, recipe = load_model_dir(model_dir, recipe)
     folder = Path(model.name_or_path)
     setup = eval_setup(model, recipe, batch_size, notice)
