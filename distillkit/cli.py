@@ -231,6 +231,15 @@ def _eval_table(reports: dict[str, dict], seeds: list[int], model: Path) -> Tabl
     return table
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON file written earlier, or one line naming the file and the fix."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DistillkitError(f"{path} is not readable JSON ({error}); move it away or give another --output") \
+            from None
+
+
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -330,29 +339,34 @@ def exposure_bias(
     on the student's own prefixes over the teacher's (PromptKD Eqs. 5-7)."""
     _setup_logging()
     from distillkit.evaluation.exposure_bias import exposure_bias_report, plot_exposure_bias
+    from distillkit.files import write_json_atomic
 
     labels = label or [folder.name for folder in student]
+    path = output / "exposure_bias.json"
     try:
         _at_least("--limit", limit, 0, " (0: all)")
         _at_least("--batch-size", batch_size, 0, " (0: the teacher run's)")
         if len(labels) != len(student) or len(set(labels)) < len(labels):
             raise DistillkitError(f"labels {labels} for {len(student)} --student folder(s); "
                                   "give one distinct --label per --student")
+        earlier = _read_json(path) if path.is_file() else None
         report = exposure_bias_report(teacher, dict(zip(labels, student)), data, limit=limit, steps=max_length,
-                                      samples=samples, seed=seed, batch_size=batch_size, notice=err.print)
+                                      samples=samples, seed=seed, batch_size=batch_size, earlier=earlier,
+                                      notice=err.print)
     except DistillkitError as error:
         _fail(error)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "exposure_bias.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report, indent=2)
     plot_exposure_bias(report, output / "exposure_bias.png")
     lengths = sorted({*range(10, max_length + 1, 10), max_length})
     table = Table("student", *(f"l = {length}" for length in lengths),
                   title=f"ExAccErr (%) on {data}, {report['examples']} prompts x {samples} samples")
     for name, result in report["students"].items():
         table.add_row(name, *(f"{result['ExAccErr'][length - 1]:.1f}" for length in lengths))
-        table.add_row("  running: own / teacher",
-                      *(f"{result['R_running'][length - 1]:.0%} / {result['E_running'][length - 1]:.0%}"
-                        for length in lengths), style="dim")
+        if "R_running" in result:  # not in reports written before the running shares were measured
+            table.add_row("  running: own / teacher",
+                          *(f"{result['R_running'][length - 1]:.0%} / {result['E_running'][length - 1]:.0%}"
+                            for length in lengths), style="dim")
     out.print(table)
     out.print(f"written to {output}/exposure_bias.json and .png")
 

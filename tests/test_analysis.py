@@ -125,3 +125,23 @@ def test_cli_errors_are_one_line(folders):
         result = analyze(folders, *args)
         assert result.exit_code == 2, result.stdout
         assert message in result.stderr.replace("\n", " ") and "Traceback" not in result.stderr
+
+
+def test_students_add_to_a_report_of_the_same_settings_and_other_settings_are_refused(folders):
+    assert analyze(folders, "--student", str(folders / "kd")).exit_code == 0
+    path = folders / "out" / "exposure_bias.json"
+    first = json.loads(path.read_text())
+    result = analyze(folders, "--student", str(folders / "sft"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(path.read_text())
+    assert list(report["students"]) == ["kd", "sft"] and report["students"]["kd"] == first["students"]["kd"]
+    assert "kd" in result.stdout and "sft" in result.stdout  # the table shows the whole report
+    again = analyze(folders, "--student", str(folders / "kd"))  # measured again with the same seed: the same values
+    assert again.exit_code == 0 and json.loads(path.read_text()) == report
+    refused = analyze(folders, "--student", str(folders / "sft"), "--seed", "20")
+    assert refused.exit_code == 2 and "measured with other settings (seed 10 there, 20 now)" in \
+        refused.stderr.replace("\n", " ")
+    assert json.loads(path.read_text()) == report  # nothing written
+    path.write_text("{not json")
+    broken = analyze(folders, "--student", str(folders / "sft"))
+    assert broken.exit_code == 2 and "is not readable JSON" in broken.stderr.replace("\n", " ")
