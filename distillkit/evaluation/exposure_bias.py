@@ -126,15 +126,12 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any, 
     return ExposureBias(r, e, r_running, e_running)
 
 
-SETTINGS = ("teacher", "data", "limit", "samples", "seed", "max_length")  # what makes two reports comparable
-
-
 def check_comparable(report: dict[str, Any], settings: dict[str, Any]) -> None:
     """Raise unless an earlier ``report`` was measured with ``settings``
-    (:data:`SETTINGS`), so that its students share the new ones' teacher
-    prefixes (the same teacher, prompts, samples and seed)."""
-    differ = [f"{key} {report.get(key)!r} there, {settings[key]!r} now"
-              for key in SETTINGS if report.get(key) != settings[key]]
+    (teacher, data, limit, samples, seed, max_length), so that its students
+    share the new ones' teacher prefixes."""
+    differ = [f"{key} {report.get(key)!r} there, {value!r} now"
+              for key, value in settings.items() if report.get(key) != value]
     if differ:
         raise DistillkitError(f"the report in --output was measured with other settings ({', '.join(differ)}); "
                               "give another --output, or its settings to add students to it")
@@ -148,16 +145,17 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
     ``limit`` prompts of ``data``; prompts are cut (keeping their end) so
     that prompt + ``steps`` fits the teacher.  Returns a JSON-ready report,
     with the students of an ``earlier`` report of the same settings
-    (:data:`SETTINGS`) that it does not measure again (refused, before any
+    (:func:`check_comparable`) that it does not measure again (refused, before any
     sampling, when its settings differ)."""
     from distillkit.data.loading import load_eval_set
     from distillkit.data.tokenization import tokenize
     from distillkit.engine.models import check_shared_vocabulary, max_positions
 
     teacher, tokenizer, recipe = load_model_dir(teacher_dir)
+    header = {"teacher": teacher.name_or_path, "data": data, "limit": limit, "samples": samples, "seed": seed,
+              "max_length": steps}
     if earlier is not None:
-        check_comparable(earlier, {"teacher": teacher.name_or_path, "data": data, "limit": limit, "samples": samples,
-                                   "seed": seed, "max_length": steps})
+        check_comparable(earlier, header)
     positions = max_positions(teacher) or 2**31
     room = min(recipe.data.max_prompt_length, positions - steps)
     if room < 1:
@@ -182,8 +180,7 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
         results[label] = {"model": student.name_or_path, **result.to_json()}
     if earlier is not None:
         results = {**earlier["students"], **results}  # the earlier students first; one measured again is replaced
-    return {"teacher": teacher.name_or_path, "data": data, "limit": limit, "examples": len(examples),
-            "samples": samples, "seed": seed, "max_length": steps, "students": results}
+    return {**header, "examples": len(examples), "students": results}
 
 
 def plot_exposure_bias(report: dict[str, Any], path: Path) -> None:

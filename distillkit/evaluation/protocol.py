@@ -211,8 +211,9 @@ def seeded_subset(examples: list[Any], size: int) -> list[Any]:
 
 
 def check_subsets(subsets: dict[str, int], sets: list[str]) -> None:
-    """Raise, before any work, for a subset (set name -> size) of a set that
-    is not evaluated or of a size below 1."""
+    """Raise for a requested subset (set name -> size) of a set that is not
+    evaluated or of a size below 1: the commands' check of ``--subset``,
+    before any work (:func:`evaluate_sets` takes size 0 as the whole set)."""
     for name, size in subsets.items():
         if name not in sets:
             raise DistillkitError(f"--subset {name}={size} names a set that is not evaluated; "
@@ -351,7 +352,6 @@ def evaluate_sets(
     reason (``missing_reason``, e.g. UnNI).  ``recipe``: the lengths, prompt
     template and sampling settings to use instead of those of the run that
     produced the model (:func:`load_model_dir`)."""
-    check_subsets(subsets or {}, sets)
     model, tokenizer, recipe = load_model_dir(model_dir, recipe)
     folder = Path(model.name_or_path)
     setup = eval_setup(model, recipe, batch_size, notice)
