@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 19's smollm2 bench on the reduced protocol of RESULTS.md ("The protocol the smollm2 bench runs on"),
+# resumable across sessions and machines through the committed results.json.
+#
+#   benchmarks/smollm2_bench.sh run METHODS   # train and evaluate METHODS (comma-separated) into $BENCH, from a
+#                                             # frozen snapshot of HEAD, niced, in the background
+#   benchmarks/smollm2_bench.sh tables        # copy $BENCH/results.json into benchmarks/bench-smollm2 and write
+#                                             # the tables and plots there, a row per registered method ("—"
+#                                             # where none yet); trains nothing
+#
+# `run` starts from benchmarks/bench-smollm2/results.json when $BENCH has none, so finished rows are kept and only
+# the named methods that lack a row are trained. Progress: $BENCH/METHOD/metrics.jsonl and train.log; the bench's
+# own log ($BENCH/bench.log) is written at the end. Stop it with: pkill -TERM -f "distillkit bench --recipe smollm2"
+# Environment: BENCH (default runs/bench/smollm2-reduced), PYTHON (default .venv/bin/python), DISTILLKIT_DATA_DIR
+# (default ../shared/data), DISTILLKIT_CACHE_DIR (the recipe's caches: the de-quantised teacher, the student's
+# SFT start).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+committed=$repo/benchmarks/bench-smollm2
+bench=$(realpath -m "${BENCH:-$repo/runs/bench/smollm2-reduced}")
+python=$(realpath -s "${PYTHON:-$repo/.venv/bin/python}")  # -s: a venv's python is a link that must stay one
+export OMP_WAIT_POLICY=PASSIVE DISTILLKIT_DATA_DIR=${DISTILLKIT_DATA_DIR:-$(realpath -m "$repo/../shared/data")}
+
+case "${1:-}" in
+run)
+    methods=${2:?usage: $0 run METHODS (comma-separated)}
+    commit=$(git -C "$repo" rev-parse --short HEAD)
+    snapshot=$bench/snapshot-$commit
+    if [ ! -d "$snapshot/site" ]; then  # the code the bench imports, unchanged while the working tree moves on
+        git -C "$repo" worktree add --detach "$snapshot/tree" HEAD
+        "$python" -m pip install -q --no-deps --no-build-isolation --target "$snapshot/site" \
+            "$snapshot/tree" "$snapshot/tree/examples/distillkit-akl"
+        git -C "$repo" worktree remove --force "$snapshot/tree"
+    fi
+    mkdir -p "$bench"
+    [ -f "$bench/results.json" ] || cp "$committed/results.json" "$bench/"
+    cd "$bench"  # not the repository, so that `python -m distillkit` imports the snapshot
+    PYTHONPATH=$snapshot/site nohup nice -n 15 "$python" -m distillkit bench --recipe smollm2 --methods "$methods" \
+        --data dolly,selfinst,vicuna,sni,unni --subset selfinst=100 --subset sni=100 --seeds 10,20,30 \
+        --output "$bench" > "$bench/bench.log" 2>&1 &
+    echo "bench of $methods at $commit started (pid $!): $bench"
+    ;;
+tables)
+    cp "$bench/results.json" "$committed/results.json"
+    "$python" - "$committed" <<'PY'
+import sys
+from pathlib import Path
+
+from distillkit.bench import BenchConfig, Results, write_tables
+from distillkit.registry import registry
+
+paper = ["sft", "kd", "seqkd", "gkd", "minillm", "promptkd"]  # Table 1's methods, then every other registered one
+methods = paper + [name for name in registry().methods.names() if name not in paper]
+output = Path(sys.argv[1])
+config = BenchConfig("smollm2", methods, ["dolly", "selfinst", "vicuna", "sni", "unni"], [10, 20, 30], output,
+                     subsets={"selfinst": 100, "sni": 100})  # the protocol `run` passes to the bench
+tables = write_tables(config, Results(output / "results.json"))
+print(tables["quality"], tables["cost"], sep="\n\n")
+PY
+    ;;
+*)
+    sed -n '2,17p' "$0"
+    exit 2
+    ;;
+esac
