@@ -7,6 +7,8 @@
 #   benchmarks/smollm2_bench.sh tables        # copy $BENCH/results.json into benchmarks/bench-smollm2 and write
 #                                             # the tables and plots there, a row per registered method ("—"
 #                                             # where none yet); trains nothing
+#   benchmarks/smollm2_bench.sh exposure-bias METHOD   # add $BENCH/METHOD's student to the committed report in
+#                                             # benchmarks/exposure-bias-smollm2 (about 20 min)
 #
 # `run` starts from benchmarks/bench-smollm2/results.json when $BENCH has none, so finished rows are kept and only
 # the named methods that lack a row are trained. Progress: $BENCH/METHOD/metrics.jsonl and train.log; the bench's
@@ -17,6 +19,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 committed=$repo/benchmarks/bench-smollm2
+exposure_bias=$repo/benchmarks/exposure-bias-smollm2
 bench=$(realpath -m "${BENCH:-$repo/runs/bench/smollm2-reduced}")
 python=$(realpath -s "${PYTHON:-$repo/.venv/bin/python}")  # -s: a venv's python is a link that must stay one
 export OMP_WAIT_POLICY=PASSIVE DISTILLKIT_DATA_DIR=${DISTILLKIT_DATA_DIR:-$(realpath -m "$repo/../shared/data")}
@@ -58,8 +61,20 @@ tables = write_tables(config, Results(output / "results.json"))
 print(tables["quality"], tables["cost"], sep="\n\n")
 PY
     ;;
+exposure-bias)
+    method=${2:?usage: $0 exposure-bias METHOD}
+    [ -d "$bench/$method/best" ] || { echo "no trained $method in $bench (run it first)" >&2; exit 1; }
+    work=$bench/exposure-bias
+    mkdir -p "$work"
+    cp "$exposure_bias/exposure_bias.json" "$work/"  # the students measured so far: the new one is added to them
+    cd "$bench"
+    nice -n 15 "$python" -m distillkit analyze exposure-bias --teacher "$(realpath "$bench/$method/teacher")" \
+        --student "$bench/$method" --label "$method" --data dolly --limit 100 --max-length 50 --samples 3 --seed 10 \
+        --output "$work"
+    cp "$work/exposure_bias.json" "$work/exposure_bias.png" "$exposure_bias/"
+    ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
