@@ -40,11 +40,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from distillkit.config import load_recipe
-from distillkit.config.run_folder import latest_trainer_state, read_metrics, read_run_file
+from distillkit.config import RunConfig, load_recipe, resolve_run
+from distillkit.config.run_folder import latest_trainer_state, read_metrics, read_run_file, run_record
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.files import write_json_atomic
 from distillkit.registry import registry
+from distillkit.training.outputs import changed_settings, describe_changes
 
 
 @dataclass
@@ -98,14 +99,37 @@ class Results:
 
 
 def cost_record(run_dir: Path) -> dict[str, Any]:
-    """Training cost of a finished run, from its manifest and last checkpoint."""
+    """Training cost of a finished run, from its manifest and last checkpoint,
+    and the run's settings (to tell a row of other settings later)."""
     record, state = read_run_file(run_dir), latest_trainer_state(run_dir)
     if record is None or state is None:
         raise DistillkitError(f"{run_dir} has no finished checkpoint; see {run_dir / 'train.log'}")
     return {"steps": state.step, "total_steps": record.total_steps, "train_s": state.elapsed_s,
             "peak_memory_mb": state.peak_memory_mb, "generated_tokens": state.generated_tokens,
             "trainable_parameters": sum(record.trainable_parameters.values()) or None,
-            "curve": training_curve(run_dir)}
+            "curve": training_curve(run_dir), "settings": record.settings}
+
+
+def check_row(config: BenchConfig, results: Results, run: RunConfig, console: Console) -> None:
+    """Before any work: drop ``run``'s method's finished row (training and
+    evaluation) when it was trained with other settings (an edited recipe,
+    another ``--set``), so it is trained and evaluated again, and refuse a
+    run folder of other settings left in the bench folder."""
+    method, run_dir = run.method, config.output / run.method
+    recorded = read_run_file(run_dir)
+    if recorded is not None and (changed := changed_settings(recorded, run)):
+        raise DistillkitError(f"{run_dir} holds a {method} run with other settings ({describe_changes(changed)}); "
+                              f"move it away to train {method} again with the settings now")
+    row = results.data["train"].get(method)
+    if row is None:
+        return
+    if "settings" not in row:
+        console.print(f"[dim]{method}: its row predates recorded settings, so it is kept unchecked[/]")
+    elif changed := changed_settings(run_record(row["settings"]), run):
+        console.print(f"{method}: its row was trained with other settings ({describe_changes(changed)}): "
+                      "training and evaluating it again")
+        results.data["train"].pop(method)
+        results.data["eval"].pop(method, None)
 
 
 CURVE_KEYS = {"loss": "loss", "student/loss": "loss", "val/rougeL": "val/rougeL", "val/loss": "val/loss"}
@@ -222,7 +246,7 @@ def quality_rows(results: Results, models: list[str], sets: list[str]) -> list[d
 def cost_rows(results: Results, methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
-        train = results.data["train"].get(method, {})
+        train = {k: v for k, v in results.data["train"].get(method, {}).items() if k != "settings"}
         per_step = train["train_s"] / train["steps"] if train.get("steps") else None
         reports = results.data["eval"].get(method)
         generated = sum(r.get("generated_tokens", 0) for r in reports.values()) if reports else None
@@ -442,6 +466,9 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, str]:
     config.validate()
     config.output.mkdir(parents=True, exist_ok=True)
     results = Results(config.output / "results.json")
+    recipe = load_recipe(config.recipe, config.overrides)
+    for method in config.methods:
+        check_row(config, results, resolve_run(recipe, method), console)
     cells = ["eval teacher", *(f"{step} {m}" for m in config.methods for step in ("train", "eval"))]
     view = LiveView(cells)
     failures = []

@@ -137,6 +137,32 @@ def test_a_bench_copied_to_a_fresh_folder_keeps_its_finished_rows(recipe_file, t
     assert [row["model"] for row in tables["quality"]] == ["teacher", "sft", "kd"]
 
 
+def test_a_row_trained_with_other_settings_is_trained_again(recipe_file, tmp_path, monkeypatch):
+    """A row records its run's settings. After a change in what one method reads, that method alone is
+    trained and evaluated again; its old run folder, left in the bench folder, is refused first, with the fix."""
+    config = BenchConfig(str(recipe_file(steps=2, eval_every=2)), ["sft", "kd"], ["dolly"], [10], tmp_path / "bench",
+                         limit=2)
+    run_bench(config, Console(quiet=True))
+    changed = dataclasses.replace(config, overrides=["methods.kd.kd_ratio=0.3"])
+    with pytest.raises(DistillkitError, match=r"holds a kd run with other settings \(options.kd_ratio is 0.5 there, "
+                                              r"0.3 now \(and 1 more\)\); move it away to train kd again"):
+        run_bench(changed, Console(quiet=True))
+    (config.output / "kd").rename(tmp_path / "old-kd")
+    trained = []
+    original_train = bench.train_method
+    monkeypatch.setattr(bench, "train_method", lambda cfg, method: trained.append(method) or original_train(cfg, method))
+    run_bench(changed, Console(quiet=True))
+    assert trained == ["kd"]  # the sft row reads no kd section: kept
+    row = json.loads((config.output / "results.json").read_text())["train"]["kd"]
+    assert row["settings"]["options"]["kd_ratio"] == 0.3
+    run_bench(changed, Console(quiet=True))  # the same settings again: nothing to do
+    results = json.loads((config.output / "results.json").read_text())
+    del results["train"]["sft"]["settings"]  # a row recorded before rows kept their settings: kept, unchecked
+    (config.output / "results.json").write_text(json.dumps(results))
+    run_bench(changed, Console(quiet=True))
+    assert trained == ["kd"]
+
+
 def test_a_teacher_without_sft_is_scored_from_its_folder_with_the_bench_settings(recipe_file, tmp_path):
     """No [teacher.sft] (as in the smollm2 recipe): the run links the folder the teacher loads from, and the
     bench scores it with its own recipe's lengths and sampling (that folder holds no run to read them from)."""

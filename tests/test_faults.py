@@ -187,10 +187,11 @@ def test_resume_refuses_another_method_or_recipe(recipe_file, tmp_path, method, 
     assert (run / "run.json").read_text() == manifest  # untouched
 
 
-def test_resume_may_change_the_step_budget(recipe_file, tmp_path):
+def test_resume_may_change_the_step_budget_and_other_methods_sections(recipe_file, tmp_path):
     recipe, run = str(recipe_file(steps=2, eval_every=2)), tmp_path / "run"
     train("sft", recipe, output=run)
-    train("sft", recipe, output=run, resume=True, overrides=["training.max_steps=3", "training.log_every=2"])
+    train("sft", recipe, output=run, resume=True,
+          overrides=["training.max_steps=3", "training.log_every=2", "methods.kd.kd_ratio=0.3"])
     assert json.loads((run / "run.json").read_text())["training"]["max_steps"] == 3
 
 

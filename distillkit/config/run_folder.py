@@ -134,20 +134,23 @@ class RunRecord:
         return _settings(self.method, self.recipe, self.options, self.training)
 
 
+def run_record(data: Any) -> RunRecord:
+    """A ``run.json`` object (or :func:`run_settings`) read back; raises
+    ValueError or DistillkitError on another shape."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON object was expected, got {type(data).__name__}")
+    return RunRecord(recipe=build(Recipe, data.get("recipe", {}), "recipe"), method=data.get("method", ""),
+                     options=data.get("options", {}), training=build(TrainingConfig, data.get("training", {}), "training"),
+                     total_steps=data.get("total_steps", 0), trainable_parameters=data.get("trainable_parameters", {}))
+
+
 def read_run_file(folder: Path) -> RunRecord | None:
     """The run recorded in ``folder/run.json``, or None when there is none."""
     path = folder / RUN_FILE
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON object was expected, got {type(data).__name__}")
-        return RunRecord(recipe=build(Recipe, data.get("recipe", {}), "recipe"), method=data.get("method", ""),
-                         options=data.get("options", {}),
-                         training=build(TrainingConfig, data.get("training", {}), "training"),
-                         total_steps=data.get("total_steps", 0),
-                         trainable_parameters=data.get("trainable_parameters", {}))
+        return run_record(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, DistillkitError) as err:  # JSONDecodeError is a ValueError
         raise DistillkitError(f"{path} cannot be read ({str(err).splitlines()[0]}); it was not written by this "
                               "version of distillkit, or is damaged") from None

@@ -15,6 +15,7 @@ from distillkit.config.run_folder import (
     BEST_FILE,
     METRICS_FILE,
     RUN_FILE,
+    RunRecord,
     complete_checkpoints,
     read_run_file,
     run_settings,
@@ -42,11 +43,28 @@ def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, A
     return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
+def changed_settings(recorded: RunRecord, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings in which ``config``'s run differs from the ``recorded``
+    one, as dotted key -> (recorded value, value now), leaving out the keys
+    of :data:`RESUMABLE` and the recipe's sections of other methods (which
+    this run does not read)."""
+    own = f"recipe.methods.{config.method}"
+    return {key: values for key, values in _differences(recorded.settings, run_settings(config)).items()
+            if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)
+            and (not key.startswith("recipe.methods.") or key == own or key.startswith(own + "."))}
+
+
+def describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    """The first of :func:`changed_settings`' differences, for one line."""
+    (key, (old, new)), more = next(iter(changed.items())), len(changed) - 1
+    return f"{key} is {old!r} there, {new!r} now" + (f" (and {more} more)" if more else "")
+
+
 def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Path | None:
     """Before any model is loaded: refuse a folder that holds a run unless
-    ``resume``, and a run made by another method or recipe (the keys of
-    :data:`RESUMABLE` may change; a key the schema gained since the run was
-    made compares as its default).  Returns the latest complete checkpoint."""
+    ``resume``, and a run made with other settings (:func:`changed_settings`;
+    a key the schema gained since the run was made compares as its
+    default).  Returns the latest complete checkpoint."""
     done = complete_checkpoints(output_dir)
     leftovers = [p.name for p in (output_dir / RUN_FILE, output_dir / METRICS_FILE) if p.exists()]
     if not resume and (done or leftovers):
@@ -54,16 +72,10 @@ def check_run_folder(output_dir: Path, config: RunConfig, *, resume: bool) -> Pa
         raise DistillkitError(f"{output_dir} already holds a run ({held}); pass --resume to continue it or choose "
                               "another --output")
     recorded = read_run_file(output_dir)
-    if recorded is not None:
-        differences = _differences(recorded.settings, run_settings(config))
-        changed = [key for key in differences
-                   if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)]
-        if changed:
-            old, new = differences[changed[0]]
-            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise DistillkitError(
-                f"{output_dir} holds another run: {changed[0]} is {old!r} there, {new!r} now{more}; resume with "
-                f"its settings or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
+    changed = {} if recorded is None else changed_settings(recorded, config)
+    if changed:
+        raise DistillkitError(f"{output_dir} holds another run: {describe_changes(changed)}; resume with its settings "
+                              f"or choose another --output (may change on resume: {', '.join(RESUMABLE)})")
     return done[-1] if done else None
 
 
