@@ -45,19 +45,25 @@ run)
     ;;
 tables)
     cp "$bench/results.json" "$committed/results.json"
-    "$python" - "$committed" <<'PY'
+    "$python" - "$committed" "$bench" <<'PY'
 import sys
 from pathlib import Path
 
 from distillkit.bench import BenchConfig, Results, write_tables
+from distillkit.config.run_folder import read_run_file
 from distillkit.registry import registry
 
 paper = ["sft", "kd", "seqkd", "gkd", "minillm", "promptkd"]  # Table 1's methods, then every other registered one
 methods = paper + [name for name in registry().methods.names() if name not in paper]
-output = Path(sys.argv[1])
+output, bench = Path(sys.argv[1]), Path(sys.argv[2])
 config = BenchConfig("smollm2", methods, ["dolly", "selfinst", "vicuna", "sni", "unni"], [10, 20, 30], output,
                      subsets={"selfinst": 100, "sni": 100})  # the protocol `run` passes to the bench
-tables = write_tables(config, Results(output / "results.json"))
+results = Results(output / "results.json")
+for method, row in results.data["train"].items():  # a row trained by a snapshot older than recorded settings
+    if "settings" not in row and (record := read_run_file(bench / method)) is not None:
+        row["settings"] = record.settings  # its run folder, here: the run the row was measured on
+results.save()
+tables = write_tables(config, results)
 print(tables["quality"], tables["cost"], sep="\n\n")
 PY
     ;;
