@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -91,8 +92,8 @@ def folders(tmp_path, tokenizer, pair):
     return tmp_path
 
 
-def analyze(folders, *args: str):
-    return runner.invoke(app, ["analyze", "exposure-bias", "--teacher", str(folders / "teacher"), "--data", "dolly",
+def analyze(folders, *args: str, teacher: str = "teacher"):
+    return runner.invoke(app, ["analyze", "exposure-bias", "--teacher", str(folders / teacher), "--data", "dolly",
                                "--limit", "3", "--max-length", "12", "--samples", "2", "--batch-size", "6",
                                "--output", str(folders / "out"), *args])
 
@@ -127,7 +128,8 @@ def test_cli_errors_are_one_line(folders):
         assert message in result.stderr.replace("\n", " ") and "Traceback" not in result.stderr
 
 
-def test_students_add_to_a_report_of_the_same_settings_and_other_settings_are_refused(folders):
+def test_students_add_to_a_report_of_the_same_settings_and_other_settings_are_refused(folders, tokenizer):
+    """The settings include the teacher's weights, wherever its folder is."""
     assert analyze(folders, "--student", str(folders / "kd")).exit_code == 0
     path = folders / "out" / "exposure_bias.json"
     first = json.loads(path.read_text())
@@ -142,6 +144,13 @@ def test_students_add_to_a_report_of_the_same_settings_and_other_settings_are_re
     assert refused.exit_code == 2 and "measured with other settings (seed 10 there, 20 now)" in \
         refused.stderr.replace("\n", " ")
     assert json.loads(path.read_text()) == report  # nothing written
+    shutil.copytree(folders / "teacher", folders / "moved")  # the same teacher in another folder: comparable
+    moved = analyze(folders, "--student", str(folders / "kd"), teacher="moved")
+    assert moved.exit_code == 0, moved.stderr
+    assert json.loads(path.read_text()) == {**report, "teacher": str(folders / "moved")}
+    save_model(tiny_model(tokenizer, seed=5), tokenizer, folders / "moved")  # other weights there: refused
+    other = analyze(folders, "--student", str(folders / "kd"), teacher="moved")
+    assert other.exit_code == 2 and "(teacher_weights '" in other.stderr.replace("\n", " ")
     path.write_text("{not json")
     broken = analyze(folders, "--student", str(folders / "sft"))
     assert broken.exit_code == 2 and "is not readable JSON" in broken.stderr.replace("\n", " ")

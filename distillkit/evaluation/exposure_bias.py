@@ -27,6 +27,7 @@ from distillkit.config import GenerationConfig
 from distillkit.engine.losses import masked_token_divergences
 from distillkit.errors import DistillkitError
 from distillkit.evaluation.protocol import generate, load_model_dir
+from distillkit.files import files_fingerprint
 from distillkit.registry import registry
 
 
@@ -129,9 +130,12 @@ def measure(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any, 
 def check_comparable(report: dict[str, Any], settings: dict[str, Any]) -> None:
     """Raise unless an earlier ``report`` was measured with ``settings``
     (teacher, data, limit, samples, seed, max_length), so that its students
-    share the new ones' teacher prefixes."""
+    share the new ones' teacher prefixes.  The teacher is compared by its
+    weights (``teacher_weights``), wherever its folder is now; a report
+    written before they were recorded, by its folder."""
+    ignored = "teacher" if "teacher_weights" in report else "teacher_weights"
     differ = [f"{key} {report.get(key)!r} there, {value!r} now"
-              for key, value in settings.items() if report.get(key) != value]
+              for key, value in settings.items() if key != ignored and report.get(key) != value]
     if differ:
         raise DistillkitError(f"the report in --output was measured with other settings ({', '.join(differ)}); "
                               "give another --output, or its settings to add students to it")
@@ -152,8 +156,10 @@ def exposure_bias_report(teacher_dir: Path, students: dict[str, Path], data: str
     from distillkit.engine.models import check_shared_vocabulary, max_positions
 
     teacher, tokenizer, recipe = load_model_dir(teacher_dir)
-    header = {"teacher": teacher.name_or_path, "data": data, "limit": limit, "samples": samples, "seed": seed,
-              "max_length": steps}
+    folder = Path(teacher.name_or_path)
+    weights = [folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]
+    header = {"teacher": teacher.name_or_path, "teacher_weights": files_fingerprint(weights), "data": data,
+              "limit": limit, "samples": samples, "seed": seed, "max_length": steps}
     if earlier is not None:
         check_comparable(earlier, header)
     positions = max_positions(teacher) or 2**31
