@@ -30,8 +30,7 @@ from distillkit.evaluation.protocol import load_model_dir
 @torch.no_grad()
 def eos_probabilities(folder: Path, data: str, limit: int, batch_size: int = 8) -> dict[str, float]:
     """The summary above for the model in ``folder``."""
-    model, tokenizer, recipe = load_model_dir(folder)
-    model.eval()
+    model, tokenizer, recipe = load_model_dir(folder)  # in eval mode, as from_pretrained leaves it
     eos = tokenizer.eos_token_id
     examples, _ = tokenize(load_eval_set(data)[:limit], tokenizer, max_prompt_length=recipe.data.max_prompt_length,
                            max_length=recipe.data.max_length, long_prompts="cut_left")
@@ -40,14 +39,14 @@ def eos_probabilities(folder: Path, data: str, limit: int, batch_size: int = 8) 
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-        probabilities = logits.softmax(-1)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         for row, example in enumerate(chunk):
             first = len(example.prompt_ids) - 1  # the position whose logits predict the response's first token
-            last = first + len(example.response_ids) - 1  # ... and its EOS
-            at_end.append(probabilities[row, last, eos].item())
-            argmax_at_end.append(float(probabilities[row, last].argmax().item() == eos))
-            elsewhere.extend(probabilities[row, first:last, eos].tolist())
+            # (R, V): the distributions of the response's R tokens, the last one predicting its EOS
+            probabilities = logits[row, first:first + len(example.response_ids)].float().softmax(-1)
+            at_end.append(probabilities[-1, eos].item())
+            argmax_at_end.append(float(probabilities[-1].argmax().item() == eos))
+            elsewhere.extend(probabilities[:-1, eos].tolist())
     return {"references": len(examples), "p_eos_at_end_mean": statistics.fmean(at_end),
             "p_eos_at_end_median": statistics.median(at_end), "eos_most_likely_at_end": statistics.fmean(argmax_at_end),
             "p_eos_elsewhere_mean": statistics.fmean(elsewhere)}

@@ -51,7 +51,7 @@ def changed_settings(recorded: RunRecord, config: RunConfig) -> dict[str, tuple[
     own = f"recipe.methods.{config.method}"
     return {key: values for key, values in _differences(recorded.settings, run_settings(config)).items()
             if not any(key == allowed or key.endswith("." + allowed) for allowed in RESUMABLE)
-            and (not key.startswith("recipe.methods.") or key == own or key.startswith(own + "."))}
+            and (not key.startswith("recipe.methods.") or f"{key}.".startswith(f"{own}."))}
 
 
 def describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
